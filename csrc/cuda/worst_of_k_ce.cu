@@ -1,0 +1,313 @@
+// CUDA kernels of the worst-of-k cross-entropy family.
+//
+// Forward: one group of threads per sample (a warp when C is small, the whole block when it is
+// large) walks the sample's k rows once each with an online (max, sum-exp) softmax over 16-byte
+// vector loads, merges the per-thread partials with warp shuffles (+ shared memory across warps),
+// and the group leader reduces the k per-copy losses to the worst (or smooth max) in registers:
+// one launch, no host synchronisation, int64 offsets. It saves only per-row statistics:
+// lse (B, k), the copy weights dL/dl (B, k), the worst index (B,) and dL/dr (B,).
+//
+// Backward: one group per row writes the gradient of every row; rows whose copy weight is 0
+// (unselected copies with tau = 0, ignored samples) are written as zeros without reading logits.
+// The target's -(1 - eps) is applied in fp32 before rounding to the logits dtype.
+//
+// Byte model (s = bytes per logit, N = B*k rows of C):
+//   forward:  read N*C*s                     (+ O(N) statistics)
+//   backward: read B*C*s (tau = 0: only the selected rows) or N*C*s (tau > 0), write N*C*s
+//   forward+backward floor, tau = 0: (N + B + N)*C*s; the DESIGN.md "two-pass" model counts
+//   2*N*C*s (one read of the logits, one write of the gradient) plus the backward's re-read.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "fastmargin/ce_math.h"
+#include "fastmargin/cuda_utils.cuh"
+#include "fastmargin/worst_of_k_ce.h"
+
+namespace fastmargin {
+namespace {
+
+// Rows of at most this many classes get a warp each; longer rows get a whole block.
+constexpr int64_t kWarpRowMaxClasses = 2048;
+constexpr int kLargeBlock = 512;
+
+constexpr int block_threads(int group_threads) { return group_threads > 256 ? group_threads : 256; }
+
+template <typename scalar_t, typename acc_t>
+struct ForwardParams {
+  const scalar_t* logits;
+  int64_t B, k, C, stride_b, stride_k;
+  const int64_t* target;
+  const acc_t* radius;  // nullptr: plain CE
+  acc_t tau, eps;
+  int64_t ignore_index;
+  acc_t *loss, *lse, *weight, *dradius;
+  int64_t* index;
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardParams {
+  const scalar_t* logits;
+  scalar_t* grad;
+  int64_t B, k, C, stride_b, stride_k, grad_stride_b, grad_stride_k;
+  const int64_t* target;
+  const acc_t* radius;
+  const acc_t *grad_loss, *lse, *weight;
+  acc_t eps;
+};
+
+// This thread's partial statistics of one robust row z~; `t` is its rank within the group.
+template <typename scalar_t, typename acc_t, int VEC, int GROUP>
+__device__ __forceinline__ RowStats<acc_t> thread_row_stats(const scalar_t* row, int64_t C,
+                                                            int64_t y, acc_t r, bool want_sum,
+                                                            int t) {
+  RowStats<acc_t> st = RowStats<acc_t>::empty();
+  const int64_t nvec = C / VEC;
+  const auto* vrow = reinterpret_cast<const Vec<scalar_t, VEC>*>(row);
+#pragma unroll 4
+  for (int64_t i = t; i < nvec; i += GROUP) {
+    const Vec<scalar_t, VEC> v = vrow[i];
+    acc_t x[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) x[e] = robust_logit(acc_t(v.v[e]), i * VEC + e == y, r);
+    st.add(x, want_sum);
+  }
+  for (int64_t c = nvec * VEC + t; c < C; c += GROUP) {
+    st.add(robust_logit(acc_t(row[c]), c == y, r), want_sum);
+  }
+  return st;
+}
+
+template <typename scalar_t, typename acc_t, int VEC, int GROUP>
+__global__ void __launch_bounds__(block_threads(GROUP))
+    worst_of_k_ce_forward_kernel(ForwardParams<scalar_t, acc_t> p) {
+  __shared__ RowStats<acc_t> smem[block_threads(GROUP) / kWarp];
+  constexpr int kGroups = block_threads(GROUP) / GROUP;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
+  const int t = threadIdx.x % GROUP;
+  if (b >= p.B) return;  // uniform per group; block-sized groups have kGroups == 1
+
+  const int64_t y = p.target[b];
+  const TargetKind kind = classify_target(y, p.ignore_index, p.C);
+  acc_t* lse_b = p.lse + b * p.k;
+  acc_t* w_b = p.weight + b * p.k;
+  if (kind != TargetKind::kClass) {
+    // Ignored: contributes 0 with zero gradient. Invalid: NaN row, logits never read.
+    const acc_t fill = kind == TargetKind::kIgnored ? acc_t(0) : quiet_nan<acc_t>();
+    for (int64_t j = t; j < p.k; j += GROUP) lse_b[j] = w_b[j] = fill;
+    if (t == 0) {
+      p.loss[b] = fill;
+      p.index[b] = 0;
+      if (p.dradius) p.dradius[b] = fill;
+    }
+    return;
+  }
+
+  const acc_t r = p.radius ? p.radius[b] : acc_t(0);
+  const bool want_sum = p.eps != acc_t(0);
+  const scalar_t* sample = p.logits + b * p.stride_b;
+  CopyReducer<acc_t> red = CopyReducer<acc_t>::start();  // meaningful in the leader only
+  for (int64_t j = 0; j < p.k; ++j) {
+    const scalar_t* row = sample + j * p.stride_k;
+    RowStats<acc_t> st = thread_row_stats<scalar_t, acc_t, VEC, GROUP>(row, p.C, y, r, want_sum, t);
+    st = group_merge<GROUP>(st, smem);
+    if (t == 0) {
+      const acc_t row_lse = st.lse();
+      // The per-copy loss waits in the weight buffer until all k copies are known.
+      const acc_t ce =
+          ce_from_stats(row_lse, robust_logit(acc_t(row[y]), true, r), st.sumz, p.eps, p.C);
+      lse_b[j] = row_lse;
+      w_b[j] = ce;
+      red.add(j, ce, p.tau);
+    }
+  }
+  if (t != 0) return;
+  p.loss[b] = red.loss(p.k, p.tau);
+  p.index[b] = red.best_index;
+  acc_t dr = acc_t(0);
+  for (int64_t j = 0; j < p.k; ++j) {
+    const acc_t w = red.weight(j, w_b[j], p.tau);
+    w_b[j] = w;
+    if (p.dradius && w != acc_t(0)) {
+      const acc_t zy = robust_logit(acc_t(sample[j * p.stride_k + y]), true, r);
+      dr += w * dce_dradius(lse_b[j], zy, p.eps, p.C);
+    }
+  }
+  if (p.dradius) p.dradius[b] = dr;
+}
+
+template <typename scalar_t, typename acc_t, int VEC, int GROUP>
+__global__ void __launch_bounds__(block_threads(GROUP))
+    worst_of_k_ce_backward_kernel(BackwardParams<scalar_t, acc_t> p) {
+  constexpr int kGroups = block_threads(GROUP) / GROUP;
+  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
+  const int t = threadIdx.x % GROUP;
+  if (row_id >= p.B * p.k) return;
+  const int64_t b = row_id / p.k, j = row_id % p.k;
+  scalar_t* out = p.grad + b * p.grad_stride_b + j * p.grad_stride_k;
+  auto* vout = reinterpret_cast<Vec<scalar_t, VEC>*>(out);
+  const int64_t nvec = p.C / VEC;
+  const acc_t w = p.weight[row_id];
+
+  if (w == acc_t(0)) {  // unselected copy or ignored sample: zeros, logits not read
+    Vec<scalar_t, VEC> zero;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) zero.v[e] = scalar_t(0);
+    for (int64_t i = t; i < nvec; i += GROUP) vout[i] = zero;
+    for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) out[c] = scalar_t(0);
+    return;
+  }
+
+  const scalar_t* row = p.logits + b * p.stride_b + j * p.stride_k;
+  const auto* vrow = reinterpret_cast<const Vec<scalar_t, VEC>*>(row);
+  const int64_t y = p.target[b];  // may be invalid (weight NaN): then c == y never holds
+  const acc_t r = p.radius ? p.radius[b] : acc_t(0);
+  const acc_t scale = w * p.grad_loss[b], row_lse = p.lse[row_id];
+  const acc_t eps_over_c = p.eps / acc_t(p.C);
+#pragma unroll 4
+  for (int64_t i = t; i < nvec; i += GROUP) {
+    const Vec<scalar_t, VEC> v = vrow[i];
+    Vec<scalar_t, VEC> g;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const bool is_y = i * VEC + e == y;
+      g.v[e] = static_cast<scalar_t>(
+          ce_grad(robust_logit(acc_t(v.v[e]), is_y, r), is_y, row_lse, p.eps, eps_over_c, scale));
+    }
+    vout[i] = g;
+  }
+  for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) {
+    const bool is_y = c == y;
+    out[c] = static_cast<scalar_t>(
+        ce_grad(robust_logit(acc_t(row[c]), is_y, r), is_y, row_lse, p.eps, eps_over_c, scale));
+  }
+}
+
+// Picks the vector width (16 bytes when every row start is aligned) and the group size
+// (warp per row for short rows, block per row for long ones), then launches.
+template <typename scalar_t, template <typename, typename, int, int> class Launcher, typename... A>
+void launch_configured(bool aligned, int64_t C, A&&... args) {
+  constexpr int kVec = max_vec<scalar_t>();
+  const bool small = C <= kWarpRowMaxClasses;
+  if (aligned && small) {
+    Launcher<scalar_t, at::opmath_type<scalar_t>, kVec, kWarp>::run(args...);
+  } else if (aligned) {
+    Launcher<scalar_t, at::opmath_type<scalar_t>, kVec, kLargeBlock>::run(args...);
+  } else if (small) {
+    Launcher<scalar_t, at::opmath_type<scalar_t>, 1, kWarp>::run(args...);
+  } else {
+    Launcher<scalar_t, at::opmath_type<scalar_t>, 1, kLargeBlock>::run(args...);
+  }
+}
+
+int64_t grid_for(int64_t work_items, int group_threads) {
+  const int64_t groups_per_block = block_threads(group_threads) / group_threads;
+  return (work_items + groups_per_block - 1) / groups_per_block;
+}
+
+template <typename scalar_t, typename acc_t, int VEC, int GROUP>
+struct ForwardLauncher {
+  static void run(const ForwardParams<scalar_t, acc_t>& p) {
+    worst_of_k_ce_forward_kernel<scalar_t, acc_t, VEC, GROUP>
+        <<<grid_for(p.B, GROUP), block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+template <typename scalar_t, typename acc_t, int VEC, int GROUP>
+struct BackwardLauncher {
+  static void run(const BackwardParams<scalar_t, acc_t>& p) {
+    worst_of_k_ce_backward_kernel<scalar_t, acc_t, VEC, GROUP>
+        <<<grid_for(p.B * p.k, GROUP), block_threads(GROUP), 0,
+           c10::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& radius,
+    double temperature, double label_smoothing, int64_t ignore_index) {
+  check_worst_of_k_inputs(logits, target, radius);
+  c10::cuda::CUDAGuard guard(logits.device());
+  WorstOfKForward out = WorstOfKForward::allocate(logits, radius.has_value());
+  if (logits.size(0) == 0) return out.as_tuple();
+  const at::Tensor tgt = target.contiguous();
+  const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_fwd_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        ForwardParams<scalar_t, acc_t> p{
+            logits.const_data_ptr<scalar_t>(),
+            logits.size(0),
+            logits.size(1),
+            logits.size(2),
+            logits.stride(0),
+            logits.stride(1),
+            tgt.const_data_ptr<int64_t>(),
+            rad.defined() ? rad.const_data_ptr<acc_t>() : nullptr,
+            static_cast<acc_t>(temperature),
+            static_cast<acc_t>(label_smoothing),
+            ignore_index,
+            out.loss.mutable_data_ptr<acc_t>(),
+            out.lse.mutable_data_ptr<acc_t>(),
+            out.weight.mutable_data_ptr<acc_t>(),
+            rad.defined() ? out.dradius.mutable_data_ptr<acc_t>() : nullptr,
+            out.index.mutable_data_ptr<int64_t>()};
+        const bool aligned =
+            aligned_for(p.logits, p.stride_b, p.stride_k, max_vec<scalar_t>(), sizeof(scalar_t));
+        launch_configured<scalar_t, ForwardLauncher>(aligned, p.C, p);
+      });
+  return out.as_tuple();
+}
+
+at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                  const at::Tensor& target, const c10::optional<at::Tensor>& radius,
+                                  const at::Tensor& lse, const at::Tensor& weight,
+                                  double label_smoothing, int64_t ignore_index) {
+  check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight);
+  (void)ignore_index;  // ignored samples arrive with weight 0
+  c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty_like(logits);
+  if (grad.numel() == 0) return grad;
+  const at::Tensor g = grad_loss.contiguous(), tgt = target.contiguous();
+  const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_bwd_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        BackwardParams<scalar_t, acc_t> p{logits.const_data_ptr<scalar_t>(),
+                                          grad.mutable_data_ptr<scalar_t>(),
+                                          logits.size(0),
+                                          logits.size(1),
+                                          logits.size(2),
+                                          logits.stride(0),
+                                          logits.stride(1),
+                                          grad.stride(0),
+                                          grad.stride(1),
+                                          tgt.const_data_ptr<int64_t>(),
+                                          rad.defined() ? rad.const_data_ptr<acc_t>() : nullptr,
+                                          g.const_data_ptr<acc_t>(),
+                                          lse.const_data_ptr<acc_t>(),
+                                          weight.const_data_ptr<acc_t>(),
+                                          static_cast<acc_t>(label_smoothing)};
+        constexpr int kVec = max_vec<scalar_t>();
+        const bool aligned =
+            aligned_for(p.logits, p.stride_b, p.stride_k, kVec, sizeof(scalar_t)) &&
+            aligned_for(p.grad, p.grad_stride_b, p.grad_stride_k, kVec, sizeof(scalar_t));
+        launch_configured<scalar_t, BackwardLauncher>(aligned, p.C, p);
+      });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmargin, CUDA, m) {
+  m.impl("worst_of_k_ce_fwd", &worst_of_k_ce_fwd_cuda);
+  m.impl("worst_of_k_ce_bwd", &worst_of_k_ce_bwd_cuda);
+}
+
+}  // namespace fastmargin

@@ -1,0 +1,84 @@
+// Host-side contract of the worst-of-k cross-entropy ops, shared by the CPU and CUDA files:
+// argument checks (the last line of defence for direct torch.ops calls; the Python layer
+// validates first with friendlier messages) and output allocation.
+//
+// Layout: logits is (B, k, C) with the class dim contiguous and the other two strides
+// arbitrary, so both public copy layouts ((B, k, C) and a transposed (k, B, C)) arrive
+// without a copy. Per-row statistics are float32 (float64 for float64 logits).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace fastmargin {
+
+inline at::ScalarType stats_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_worst_of_k_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                    const c10::optional<at::Tensor>& radius) {
+  TORCH_CHECK(logits.dim() == 3, "logits: expected a 3-D (B, k, C) tensor, got ", logits.dim(),
+              "-D");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits: expected a floating dtype, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1,
+              "logits: the class dim must be contiguous (stride 1)");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target: expected shape (",
+              logits.size(0), ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "target: expected int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.device() == logits.device(), "target: expected device ", logits.device(),
+              ", got ", target.device());
+  if (radius.has_value()) {
+    const at::Tensor& r = *radius;
+    TORCH_CHECK(r.dim() == 1 && r.size(0) == logits.size(0), "radius: expected shape (",
+                logits.size(0), ",), got ", r.sizes());
+    TORCH_CHECK(r.scalar_type() == stats_dtype(logits), "radius: expected dtype ",
+                stats_dtype(logits), ", got ", r.scalar_type());
+    TORCH_CHECK(r.device() == logits.device(), "radius: expected device ", logits.device(),
+                ", got ", r.device());
+  }
+}
+
+struct WorstOfKForward {
+  at::Tensor loss;     // (B,)   worst-of-k (or smooth-max) loss per sample
+  at::Tensor lse;      // (B, k) logsumexp of every (robust) row, saved for the backward
+  at::Tensor weight;   // (B, k) dL_b / dl_bj: one-hot worst copy (tau = 0) or softmax (tau > 0)
+  at::Tensor index;    // (B,)   int64 worst copy
+  at::Tensor dradius;  // (B,)   dL_b / dr_b, or (0,) when there is no radius
+
+  static WorstOfKForward allocate(const at::Tensor& logits, bool with_radius) {
+    const int64_t B = logits.size(0), k = logits.size(1);
+    auto f = logits.options().dtype(stats_dtype(logits));
+    return {at::empty({B}, f), at::empty({B, k}, f), at::empty({B, k}, f),
+            at::empty({B}, logits.options().dtype(at::kLong)), at::empty({with_radius ? B : 0}, f)};
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {loss, lse, weight, index, dradius};
+  }
+};
+
+inline void check_worst_of_k_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                      const at::Tensor& target,
+                                      const c10::optional<at::Tensor>& radius,
+                                      const at::Tensor& lse, const at::Tensor& weight) {
+  check_worst_of_k_inputs(logits, target, radius);
+  const int64_t B = logits.size(0), k = logits.size(1);
+  const auto f = stats_dtype(logits);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && grad_loss.scalar_type() == f,
+              "grad_loss: expected (", B, ",) of dtype ", f);
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == k && lse.scalar_type() == f &&
+                  lse.is_contiguous(),
+              "lse: expected contiguous (", B, ", ", k, ") of dtype ", f);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == B && weight.size(1) == k &&
+                  weight.scalar_type() == f && weight.is_contiguous(),
+              "weight: expected contiguous (", B, ", ", k, ") of dtype ", f);
+}
+
+}  // namespace fastmargin

@@ -1,0 +1,22 @@
+// Every fastmargin op schema, in one place. Kernels register under TORCH_LIBRARY_IMPL in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and autograd live in fastmargin/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastmargin, m) {
+  // Worst-of-k cross-entropy over (B, k, C) logits (class dim contiguous), optionally on the
+  // weight-robust rows z~ (radius (B,) >= 0). Returns (loss (B,), lse (B, k), weight (B, k),
+  // index (B,) int64, dloss_dradius (B,) or (0,)).
+  m.def(
+      "worst_of_k_ce_fwd(Tensor logits, Tensor target, Tensor? radius, float temperature, "
+      "float label_smoothing, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradient of sum_b grad_loss[b] * loss[b] with respect to logits, in the logits' dtype,
+  // laid out like empty_like(logits). Rows whose weight is 0 are written as zeros unread.
+  m.def(
+      "worst_of_k_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? radius, "
+      "Tensor lse, Tensor weight, float label_smoothing, int ignore_index) -> Tensor");
+}
+
+// A Python module named _C so `import fastmargin._C` loads the library (and its registrations).
+static struct PyModuleDef fastmargin_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastmargin_module); }

@@ -1,0 +1,97 @@
+"""Argument checks shared by the public functions.
+
+Shape, dtype and device checks are free (metadata only) and always run. Target *values* need a
+reduction and a host synchronisation, so they run only while validation is enabled
+(``fm.set_validation``, or ``FASTMARGIN_VALIDATE=0`` in the environment to start disabled) and
+never while ``torch.compile`` traces (a host sync would break the graph). Without the value
+check the kernels stay memory-safe: an out-of-range target gives NaN for its row.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_VALIDATE = os.environ.get("FASTMARGIN_VALIDATE", "1") not in ("0", "false", "False", "no")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the target range check (one small reduction + one host sync per call) on or off."""
+    global _VALIDATE
+    _VALIDATE = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    """Whether value checks run now (enabled and not inside a ``torch.compile`` trace)."""
+    return _VALIDATE and not torch.compiler.is_compiling()
+
+
+def check_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float_dtype(x: torch.Tensor, name: str) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating dtype (float32, float16, bfloat16 or float64), "
+            f"got {x.dtype}"
+        )
+
+
+def check_same_device(x: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    if x.device != ref.device:
+        raise RuntimeError(f"{name}: expected a tensor on {ref.device}, got {x.device}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def check_nonnegative(value: float, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
+    if value == float("inf"):
+        raise ValueError(f"{name}: expected a finite value >= 0, got inf")
+    return value
+
+
+def check_label_smoothing(label_smoothing: float) -> float:
+    value = check_nonnegative(label_smoothing, "label_smoothing")
+    if value > 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {value}")
+    return value
+
+
+def check_class_target(
+    target: object, batch: int, num_classes: int, ignore_index: int, ref: torch.Tensor
+) -> torch.Tensor:
+    """Checks a (B,) class-index target and returns it as int64 (a no-op when it already is)."""
+    target = check_tensor(target, "target")
+    check_same_device(target, ref, "target")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target: expected an integer dtype (class indices), got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"target: expected shape ({batch},), got {tuple(target.shape)}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    target = target.long()
+    if validation_enabled() and target.numel() > 0:
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        if bool(bad.any()):
+            first = int(target[bad][0])
+            raise IndexError(
+                f"target: value {first} is out of range for {num_classes} classes "
+                f"(expected 0 <= target < {num_classes} or target == ignore_index "
+                f"= {ignore_index})"
+            )
+    return target
