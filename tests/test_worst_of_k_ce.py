@@ -309,6 +309,20 @@ def test_compile_fullgraph():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def test_compile_inductor_fullgraph():
+    """The default backend (Inductor) compiles a graph with the op inside, forward + backward."""
+    torch._dynamo.reset()
+    logits, target = make_case(3, 2, 10, dim=0, seed=14)
+    x = logits.clone().requires_grad_(True)
+    fn = torch.compile(lambda z, y: fm.worst_of_k_cross_entropy(z, y, dim=0), fullgraph=True)
+    loss = fn(x, target)
+    loss.backward()
+    torch.testing.assert_close(loss, fm.worst_of_k_cross_entropy(logits, target, dim=0))
+    ref_x = logits.clone().requires_grad_(True)
+    fm.worst_of_k_cross_entropy(ref_x, target, dim=0).backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+
+
 @settings(
     max_examples=25,
     deadline=None,
