@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -34,11 +34,22 @@ class Case:
         return f"{self.op}[{self.shape},{str(self.dtype).replace('torch.', '')}]"
 
 
-def _grad_of(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """Forward + backward of a scalar loss with respect to the logits (no .grad accumulation)."""
+def _forward_backward(fn: Callable, inputs: Sequence, grad_output=None) -> Provider:
+    """A provider running ``fn(*inputs)`` and its backward into every input that requires grad
+    (with ``grad_output`` as the upstream gradient for non-scalar outputs)."""
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
-    def run(x: torch.Tensor, y: torch.Tensor):
-        return torch.autograd.grad(loss_fn(x, y), x)[0]
+    def run():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, wrt, grad_outputs=grad_output)
+
+    return run
+
+
+def _forward_only(fn: Callable, inputs: Sequence) -> Provider:
+    def run():
+        with torch.no_grad():
+            return fn(*inputs)
 
     return run
 
@@ -51,49 +62,68 @@ def _liger_cross_entropy() -> Optional[Callable]:
     return liger_cross_entropy
 
 
-@functools.cache
 def _compiled(fn: Callable) -> Callable:
+    # Dynamo caches compiled graphs on the function's code object, with a small per-code
+    # limit: reset it so every case gets a real compile for its own shapes instead of
+    # silently falling back to eager after the limit.
+    torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
+
+
+def _providers(
+    ours: Callable, reference: Callable, inputs: Sequence, *, backward: bool, grad_output=None
+) -> Dict[str, Provider]:
+    """fastmargin, the eager reference and torch.compile(reference) on the same inputs."""
+    if backward:
+        make = functools.partial(_forward_backward, inputs=inputs, grad_output=grad_output)
+    else:
+        make = functools.partial(_forward_only, inputs=inputs)
+    return {
+        "fastmargin": make(ours),
+        "eager": make(reference),
+        "compile": make(_compiled(reference)),
+    }
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _random_logits(device: str, shape, dtype, classes: int, batch: int):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(*shape, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+    y = torch.randint(0, classes, (batch,), device=device, generator=gen)
+    return x, y
+
+
+def _wocce_fm(x, y):
+    return fm.worst_of_k_cross_entropy(x, y, dim=0)
+
+
+def _wocce_ref(x, y):
+    return ref.worst_of_k_cross_entropy(x, y, dim=0)
 
 
 def worst_of_k_case(rows: int, classes: int, k: int, dtype: torch.dtype) -> Case:
     """Worst-of-k CE forward + backward on ``rows = B * k`` rows of ``classes`` logits in the
     copy-major layout (k, B, C) (what ``torch.cat`` of k augmented batches gives)."""
     B = rows // k
-    elem = torch.finfo(dtype).bits // 8
-    logits_bytes = rows * classes * elem
-
-    def loss_fm(x, y):
-        return fm.worst_of_k_cross_entropy(x, y, dim=0)
-
-    def loss_ref(x, y):
-        return ref.worst_of_k_cross_entropy(x, y, dim=0)
 
     def setup(device: str) -> Dict[str, Provider]:
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(k, B, classes, device=device, dtype=dtype, generator=gen)
-        x.requires_grad_(True)
-        y = torch.randint(0, classes, (B,), device=device, generator=gen)
-        providers: Dict[str, Provider] = {
-            "fastmargin": functools.partial(_grad_of(loss_fm), x, y),
-            "eager": functools.partial(_grad_of(loss_ref), x, y),
-            "compile": functools.partial(_compiled(_grad_of(loss_ref)), x, y),
-        }
+        x, y = _random_logits(device, (k, B, classes), dtype, classes, B)
+        providers = _providers(_wocce_fm, _wocce_ref, (x, y), backward=True)
         liger = _liger_cross_entropy()
         if k == 1 and liger is not None and device == "cuda":
-            x2 = x.view(B, classes)
-
-            def liger_loss(z, t):
-                return liger(z.view(B, classes), t)
-
-            providers["liger"] = functools.partial(_grad_of(liger_loss), x2, y)
+            providers["liger"] = _forward_backward(
+                lambda z, t: liger(z.view(B, classes), t), (x, y)
+            )
         return providers
 
     return Case(
         op="worst_of_k_ce",
         shape=f"{rows}x{classes},k={k}",
         dtype=dtype,
-        bytes_moved=2 * logits_bytes,
+        bytes_moved=2 * rows * classes * _element_size(dtype),
         byte_model="read logits once + write their gradient once (2 passes)",
         setup=setup,
     )
