@@ -77,3 +77,53 @@ torch.library.register_autograd(
     _worst_of_k_ce_backward,
     setup_context=_worst_of_k_ce_setup_context,
 )
+
+
+# --- multiclass_margin ---------------------------------------------------------------------
+
+
+@torch.library.register_fake("fastmargin::multiclass_margin_fwd")
+def _multiclass_margin_fwd_fake(logits, target):
+    N = logits.shape[0]
+    return (
+        logits.new_empty((N,), dtype=stats_dtype(logits)),
+        logits.new_empty((N,), dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("fastmargin::multiclass_margin_bwd")
+def _multiclass_margin_bwd_fake(grad_margin, target, runner_up, num_classes, dtype):
+    return grad_margin.new_empty((grad_margin.shape[0], num_classes), dtype=dtype)
+
+
+def _multiclass_margin_setup_context(ctx, inputs, output):
+    logits, target = inputs
+    _margin, runner_up = output
+    # Only O(N) integers are saved: the gradient is +g at y and -g at the runner-up.
+    ctx.save_for_backward(target, runner_up)
+    ctx.num_classes = logits.shape[1]
+    ctx.dtype = logits.dtype
+    ctx.mark_non_differentiable(runner_up)
+
+
+def _multiclass_margin_backward(ctx, grad_margin, _g_runner_up):
+    target, runner_up = ctx.saved_tensors
+    if grad_margin is None or not ctx.needs_input_grad[0]:
+        return None, None
+    grad_margin = grad_margin.to(stats_dtype_of(ctx.dtype)).contiguous()
+    grad_logits = ops.multiclass_margin_bwd(
+        grad_margin, target, runner_up, ctx.num_classes, ctx.dtype
+    )
+    return grad_logits, None
+
+
+def stats_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """:func:`stats_dtype` for a dtype rather than a tensor."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+torch.library.register_autograd(
+    "fastmargin::multiclass_margin_fwd",
+    _multiclass_margin_backward,
+    setup_context=_multiclass_margin_setup_context,
+)
