@@ -127,3 +127,29 @@ torch.library.register_autograd(
     _multiclass_margin_backward,
     setup_context=_multiclass_margin_setup_context,
 )
+
+
+def _multiclass_margin_bwd_setup_context(ctx, inputs, output):
+    _grad_margin, target, runner_up, num_classes, _dtype = inputs
+    ctx.save_for_backward(target, runner_up)
+    ctx.num_classes = num_classes
+
+
+def _multiclass_margin_bwd_backward(ctx, grad_grad):
+    # The backward is linear in grad_margin (and piecewise constant in the logits):
+    # d<gg, grad>/d grad_margin[n] = gg[n, y] - gg[n, r], NaN where the row was invalid.
+    target, runner_up = ctx.saved_tensors
+    C = ctx.num_classes
+    valid = (target >= 0) & (target < C) & (runner_up >= 0) & (runner_up < C)
+    gg = grad_grad.to(stats_dtype_of(grad_grad.dtype))
+    at_y = gg.gather(1, target.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
+    at_r = gg.gather(1, runner_up.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
+    out = torch.where(valid, at_y - at_r, torch.full_like(at_y, float("nan")))
+    return out, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastmargin::multiclass_margin_bwd",
+    _multiclass_margin_bwd_backward,
+    setup_context=_multiclass_margin_bwd_setup_context,
+)

@@ -49,10 +49,9 @@ std::tuple<at::Tensor, at::Tensor> multiclass_margin_fwd_cpu(const at::Tensor& l
   check_margin_inputs(logits, target);
   auto [margin, runner_up] = allocate_margin_outputs(logits);
   const at::Tensor tgt = target.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "multiclass_margin_fwd_cpu", [&] {
-                                    margin_forward_impl<scalar_t>(logits, tgt, margin, runner_up);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "multiclass_margin_fwd_cpu",
+      [&] { margin_forward_impl<scalar_t>(logits, tgt, margin, runner_up); });
   return {margin, runner_up};
 }
 
@@ -91,9 +90,8 @@ at::Tensor multiclass_margin_bwd_cpu(const at::Tensor& grad_margin, const at::Te
       at::empty({grad_margin.size(0), num_classes}, grad_margin.options().dtype(dtype));
   const at::Tensor g = grad_margin.contiguous(), tgt = target.contiguous(),
                    ru = runner_up.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, dtype, "multiclass_margin_bwd_cpu",
-      [&] { margin_backward_impl<scalar_t>(g, tgt, ru, grad); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multiclass_margin_bwd_cpu",
+                                  [&] { margin_backward_impl<scalar_t>(g, tgt, ru, grad); });
   return grad;
 }
 

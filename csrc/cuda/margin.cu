@@ -33,9 +33,9 @@ namespace fastmargin {
 
 template <typename acc_t>
 __device__ __forceinline__ RunnerUp<acc_t> shfl_xor(const RunnerUp<acc_t>& s, int mask) {
-  return {__shfl_xor_sync(0xffffffffu, s.value, mask),
-          static_cast<int64_t>(
-              __shfl_xor_sync(0xffffffffu, static_cast<long long>(s.index), mask))};
+  return {
+      __shfl_xor_sync(0xffffffffu, s.value, mask),
+      static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(s.index), mask))};
 }
 
 namespace {
@@ -134,8 +134,8 @@ template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 struct MarginForwardLauncher {
   static void run(const MarginForwardParams<scalar_t, acc_t>& p) {
     margin_forward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<row_grid(p.N, GROUP), row_block_threads(GROUP), 0,
-           c10::cuda::getCurrentCUDAStream()>>>(p);
+        <<<row_grid(p.N, GROUP), row_block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(
+            p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -144,8 +144,8 @@ template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 struct MarginBackwardLauncher {
   static void run(const MarginBackwardParams<scalar_t, acc_t>& p) {
     margin_backward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<row_grid(p.N, GROUP), row_block_threads(GROUP), 0,
-           c10::cuda::getCurrentCUDAStream()>>>(p);
+        <<<row_grid(p.N, GROUP), row_block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(
+            p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -193,8 +193,7 @@ at::Tensor multiclass_margin_bwd_cuda(const at::Tensor& grad_margin, const at::T
                                                 tgt.const_data_ptr<int64_t>(),
                                                 ru.const_data_ptr<int64_t>(),
                                                 g.const_data_ptr<acc_t>()};
-        const bool aligned =
-            aligned_for(p.grad, p.C, p.C, max_vec<scalar_t>(), sizeof(scalar_t));
+        const bool aligned = aligned_for(p.grad, p.C, p.C, max_vec<scalar_t>(), sizeof(scalar_t));
         launch_row_kernel<scalar_t, MarginBackwardLauncher>(aligned, p.C, p);
       });
   return grad;

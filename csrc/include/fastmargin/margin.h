@@ -20,8 +20,8 @@ inline void check_margin_inputs(const at::Tensor& logits, const at::Tensor& targ
   TORCH_CHECK(logits.dim() == 2, "logits: expected a 2-D (N, C) tensor, got ", logits.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits: expected a floating dtype, got ",
               logits.scalar_type());
-  TORCH_CHECK(logits.size(1) >= 2, "logits: the margin needs at least 2 classes, got C = ",
-              logits.size(1));
+  TORCH_CHECK(logits.size(1) >= 2,
+              "logits: the margin needs at least 2 classes, got C = ", logits.size(1));
   TORCH_CHECK(logits.stride(1) == 1, "logits: the class dim must be contiguous (stride 1)");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target: expected shape (",
               logits.size(0), ",), got ", target.sizes());
@@ -48,9 +48,9 @@ inline void check_margin_backward(const at::Tensor& grad_margin, const at::Tenso
   const int64_t N = grad_margin.size(0);
   TORCH_CHECK(target.dim() == 1 && target.size(0) == N && target.scalar_type() == at::kLong,
               "target: expected int64 of shape (", N, ",)");
-  TORCH_CHECK(runner_up.dim() == 1 && runner_up.size(0) == N &&
-                  runner_up.scalar_type() == at::kLong,
-              "runner_up: expected int64 of shape (", N, ",)");
+  TORCH_CHECK(
+      runner_up.dim() == 1 && runner_up.size(0) == N && runner_up.scalar_type() == at::kLong,
+      "runner_up: expected int64 of shape (", N, ",)");
   TORCH_CHECK(target.device() == grad_margin.device() && runner_up.device() == grad_margin.device(),
               "target, runner_up: expected device ", grad_margin.device());
 }
