@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastmargin as fm
 from fastmargin import reference
@@ -261,3 +263,29 @@ def test_cuda_int64_indexing_large():
     rows = torch.tensor([0, 1, N // 2, N - 2, N - 1], device="cuda")
     ref = reference.multiclass_margin(x[rows].float(), y[rows])
     torch.testing.assert_close(m[rows].float(), ref, **TOL[torch.bfloat16])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    N=st.integers(1, 6),
+    C=st.integers(2, 70),
+    offset=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_shapes_strides_dtypes(N, C, offset, dtype, seed):
+    wide, y = _inputs(N, C + offset + 1, dtype, "cpu", seed=seed)
+    x = wide[:, offset : offset + C]  # odd row strides and misaligned starts
+    _check_against_reference(x, y % C)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_reduce_overhead():
+    torch._dynamo.reset()
+    x, y = _inputs(64, 1000, torch.bfloat16, "cuda")
+    f = torch.compile(fm.multiclass_margin, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        out = f(x, y)
+    torch.testing.assert_close(
+        out.float(), reference.multiclass_margin(x.float(), y), **TOL[x.dtype]
+    )

@@ -139,3 +139,14 @@ def test_plot_margin_cdf_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="matplotlib"):
         fm.plot_margin_cdf(torch.randn(5))
+
+
+@pytest.mark.cuda
+def test_margin_distribution_on_cuda_model():
+    x, y = _data()
+    model = _model()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    on_cpu = fm.margin_distribution(model, loader)
+    on_gpu = fm.margin_distribution(model.cuda(), loader)  # batches are moved to the model
+    assert on_gpu.device.type == "cpu"
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)

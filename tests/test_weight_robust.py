@@ -334,3 +334,37 @@ def test_cuda_radius_on_other_device():
     x, y, r = _inputs(4, 5, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="radius"):
         fm.weight_robust_cross_entropy(x, y, r.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_like_cross_entropy(reduction, device):
+    x = torch.randn(0, 5, device=device, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=device)
+    r = torch.zeros(0, device=device, requires_grad=True)
+    out = fm.weight_robust_cross_entropy(x, y, r, reduction=reduction)
+    ref = torch.nn.functional.cross_entropy(x, y, reduction=reduction)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    if reduction != "mean":
+        out.sum().backward()
+        assert x.grad.shape == (0, 5) and r.grad.shape == (0,)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_reduce_overhead():
+    torch._dynamo.reset()
+    x, y, r = _inputs(64, 1000, torch.float32, "cuda", ignore=True)
+    r = r.float()
+    f = torch.compile(fm.weight_robust_cross_entropy, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        out = f(x, y, r, label_smoothing=0.1)
+    ref = reference.weight_robust_cross_entropy(x, y, r, label_smoothing=0.1)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_logits(device):
+    x, y, r = _inputs(7, 6, torch.float32, device, seed=11, ignore=True)
+    _check(x.t().contiguous().t(), y, r)  # class stride 7: copied once
+    wide = torch.randn(7, 20, device=device)
+    _check(wide[:, 5:11], y, r)  # row stride 20, read in place
