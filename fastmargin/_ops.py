@@ -82,6 +82,11 @@ torch.library.register_autograd(
 # --- multiclass_margin ---------------------------------------------------------------------
 
 
+def stats_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """:func:`stats_dtype` for a dtype rather than a tensor."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("fastmargin::multiclass_margin_fwd")
 def _multiclass_margin_fwd_fake(logits, target):
     N = logits.shape[0]
@@ -117,11 +122,6 @@ def _multiclass_margin_backward(ctx, grad_margin, _g_runner_up):
     return grad_logits, None
 
 
-def stats_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """:func:`stats_dtype` for a dtype rather than a tensor."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 torch.library.register_autograd(
     "fastmargin::multiclass_margin_fwd",
     _multiclass_margin_backward,
@@ -137,14 +137,20 @@ def _multiclass_margin_bwd_setup_context(ctx, inputs, output):
 
 def _multiclass_margin_bwd_backward(ctx, grad_grad):
     # The backward is linear in grad_margin (and piecewise constant in the logits):
-    # d<gg, grad>/d grad_margin[n] = gg[n, y] - gg[n, r], NaN where the row was invalid.
+    # d<gg, grad>/d grad_margin[n] = gg[n, y] - gg[n, r], NaN where the target was invalid
+    # (the kernel's rule: only in-range classes take part).
     target, runner_up = ctx.saved_tensors
     C = ctx.num_classes
-    valid = (target >= 0) & (target < C) & (runner_up >= 0) & (runner_up < C)
     gg = grad_grad.to(stats_dtype_of(grad_grad.dtype))
-    at_y = gg.gather(1, target.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
-    at_r = gg.gather(1, runner_up.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
-    out = torch.where(valid, at_y - at_r, torch.full_like(at_y, float("nan")))
+
+    def at(index):
+        valid = (index >= 0) & (index < C)
+        picked = gg.gather(1, index.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
+        return valid, torch.where(valid, picked, torch.zeros_like(picked))
+
+    y_valid, at_y = at(target)
+    _r_valid, at_r = at(runner_up)
+    out = torch.where(y_valid, at_y - at_r, torch.full_like(at_y, float("nan")))
     return out, None, None, None, None
 
 
