@@ -7,14 +7,17 @@ fused CUDA kernels (and the same function on the CPU). See DESIGN.md for the mat
 
 from __future__ import annotations
 
-from . import reference
+from . import augment, reference
 from ._validation import set_validation, validation_enabled
 from .functional import worst_of_k_cross_entropy
+from .maxup import MaxUp
 from .modules import WorstOfKCrossEntropy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MaxUp",
+    "augment",
     "WorstOfKCrossEntropy",
     "reference",
     "set_validation",
