@@ -275,7 +275,7 @@ class MixUp(_Mixing):
 
 
 def cutmix(alpha: float = 1.0, *, num_classes: int) -> CutMix:
-    """CutMix with Beta(α, α) box ratios and soft targets over ``num_classes``; see :class:`CutMix`."""
+    """CutMix with Beta(α, α) box ratios, soft targets over ``num_classes`` (:class:`CutMix`)."""
     return CutMix(alpha, num_classes)
 
 

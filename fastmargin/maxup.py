@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ class MaxUp(nn.Module):
 
     def make_copies(
         self, x: torch.Tensor, y: torch.Tensor
-    ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    ) -> Tuple[torch.Tensor, List[torch.Tensor | None]]:
         """The (K·B, ...) copy-major batch of candidates and each copy's returned target.
 
         Each copy is written into one preallocated (K, B, ...) buffer as soon as it is made, so
@@ -184,8 +184,8 @@ class MaxUp(nn.Module):
         """
         B = x.shape[0]
         K = self.num_candidates
-        buf: Optional[torch.Tensor] = None
-        targets: List[Optional[torch.Tensor]] = []
+        buf: torch.Tensor | None = None
+        targets: List[torch.Tensor | None] = []
         if self.include_clean:
             buf = torch.empty((K, *x.shape), dtype=x.dtype, device=x.device)
             buf[0].copy_(x)
@@ -209,10 +209,8 @@ class MaxUp(nn.Module):
         return buf.view(K * B, *buf.shape[2:]), targets
 
     @staticmethod
-    def _unpack(
-        out: object, y: torch.Tensor, B: int
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        ta: Optional[torch.Tensor] = None
+    def _unpack(out: object, y: torch.Tensor, B: int) -> Tuple[torch.Tensor, torch.Tensor | None]:
+        ta: torch.Tensor | None = None
         if isinstance(out, (tuple, list)):
             if len(out) != 2:
                 raise TypeError(
@@ -236,8 +234,8 @@ class MaxUp(nn.Module):
         return out, ta
 
     def _soft_targets(
-        self, targets: List[Optional[torch.Tensor]], y: torch.Tensor, C: int, like: torch.Tensor
-    ) -> Optional[torch.Tensor]:
+        self, targets: List[torch.Tensor | None], y: torch.Tensor, C: int, like: torch.Tensor
+    ) -> torch.Tensor | None:
         """(K, B, C) float32 probability targets, or None when every copy keeps the labels y."""
         if all(t is None for t in targets):
             return None
