@@ -23,7 +23,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -279,11 +279,11 @@ def evaluate(model: DigitsCNN, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig
 
 
 def run_demo(
-    objectives: Optional[Sequence[str]] = None,
-    cfg: Optional[DemoConfig] = None,
+    objectives: Sequence[str] | None = None,
+    cfg: DemoConfig | None = None,
     *,
     progress: bool = True,
-    plot: Optional[str] = None,
+    plot: str | None = None,
 ) -> List[dict]:
     """Trains one DigitsCNN per objective (same seed and initial weights) and evaluates it.
 
@@ -326,12 +326,13 @@ def _run(names, registry, cfg, x_tr, y_tr, x_te, y_te, progress) -> List[dict]:
     return results
 
 
-def format_table(results: List[dict], cfg: Optional[DemoConfig] = None) -> str:
+def format_table(results: List[dict], cfg: DemoConfig | None = None) -> str:
     """The results as one markdown table."""
     cfg = cfg or DemoConfig()
     head = (
-        f"| objective | clean acc | acc, input noise σ={cfg.input_noise:g} | acc, last-layer weight noise "
-        f"σ={cfg.weight_noise:g}·rms(W) | margin AUC [{cfg.margin_lo:g}, {cfg.margin_hi:g}] (lower = larger margins) | s / epoch |"
+        f"| objective | clean acc | acc, input noise {cfg.input_noise:g} "
+        f"| acc, weight noise {cfg.weight_noise:g} "
+        f"| margin AUC [{cfg.margin_lo:g}, {cfg.margin_hi:g}] | s / epoch |"
     )
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
@@ -406,6 +407,12 @@ def main_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = run_demo(names, cfg, progress=not args.no_progress, plot=args.plot)
     print(format_table(results, cfg))
+    print(
+        f"\nInput noise: Gaussian, relative size {cfg.input_noise:g} of each image's norm. "
+        f"Weight noise: N(0, ({cfg.weight_noise:g}·rms(W))²) added to the last layer's weights, "
+        f"{cfg.weight_noise_draws} draws averaged.\nMargin AUC: area under the CDF of the test "
+        "margins z_y - max_{c≠y} z_c on that interval, over its length (lower = larger margins)."
+    )
     print(
         f"\n{len(results)} objectives, {cfg.epochs} epochs each, on {cfg.device} "
         f"({time.perf_counter() - t0:.0f} s total; seed {cfg.seed})."
