@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Iterator, List, Tuple, Union
 
 import torch
@@ -158,6 +159,7 @@ class MaxUp(nn.Module):
         self.include_clean = bool(include_clean)
         self.eval_bn_for_selection = bool(eval_bn_for_selection)
         self.ignore_index = ignore_index
+        self._checked_randomness = False
 
     @property
     def num_candidates(self) -> int:
@@ -206,7 +208,24 @@ class MaxUp(nn.Module):
             buf[j].copy_(xa)
             targets.append(ta)
         assert buf is not None
+        self._check_randomness(buf)
         return buf.view(K * B, *buf.shape[2:]), targets
+
+    def _check_randomness(self, buf: torch.Tensor) -> None:
+        """Warns once if the first two augmented copies are identical: a deterministic
+        augmentation makes MaxUp k times the work of plain training for nothing. Checked on
+        the first call only (one host synchronisation), never while compiling."""
+        if self._checked_randomness or self.k < 2 or torch.compiler.is_compiling():
+            return
+        self._checked_randomness = True
+        j = int(self.include_clean)
+        if torch.equal(buf[j], buf[j + 1]):
+            warnings.warn(
+                "augment: the first two augmented copies are identical; MaxUp needs an "
+                "augmentation that draws new randomness on every call",
+                RuntimeWarning,
+                stacklevel=6,  # the caller of MaxUp(...) (through nn.Module.__call__)
+            )
 
     @staticmethod
     def _unpack(out: object, y: torch.Tensor, B: int) -> Tuple[torch.Tensor, torch.Tensor | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -201,6 +202,17 @@ def test_in_place_augmentation_gives_distinct_copies_and_keeps_input():
         assert torch.equal(x, x0)
 
 
+def test_deterministic_augmentation_warns_once():
+    x, y, _ = batch(4, 2)
+    step = fm.MaxUp(mlp(), lambda t: t.flip(-1), k=2, include_clean=True)
+    with pytest.warns(RuntimeWarning, match="identical"):
+        step(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(x, y)  # checked once per MaxUp
+        fm.MaxUp(mlp(), fm.augment.gaussian(0.1), k=2)(x, y)  # a random one does not warn
+
+
 @pytest.mark.parametrize("mode", ["joint", "select"])
 @pytest.mark.parametrize("include_clean", [False, True])
 def test_soft_targets(mode, include_clean):
@@ -335,7 +347,9 @@ def test_bad_inputs_leave_them_unchanged():
         fm.MaxUp(mlp(), lambda t: (t, y, y), k=2)(x, y)
     with pytest.raises(RuntimeError, match="model:"):
         fm.MaxUp(lambda t: t.sum(1), Replay(noise), k=2)(x, y)
-    bad_soft = fm.augment.with_target(lambda t, lab: (t, torch.full((B, C + 1), 0.1)))
+    bad_soft = fm.augment.with_target(
+        lambda t, lab: (torch.randn_like(t), torch.full((B, C + 1), 0.1))
+    )
     with pytest.raises(ValueError, match="soft targets"):
         fm.MaxUp(mlp(), bad_soft, k=2)(x, y)
     assert torch.equal(x, x0) and torch.equal(y, y0)
