@@ -200,10 +200,11 @@ class MaxUp(nn.Module):
             if buf is None:
                 buf = torch.empty((K, *xa.shape), dtype=xa.dtype, device=xa.device)
             j = len(targets)
-            if xa.shape != buf.shape[1:]:
+            if xa.shape != buf.shape[1:] or xa.dtype != buf.dtype:
                 raise ValueError(
-                    f"augment: copy {j} has shape {tuple(xa.shape)}, expected "
-                    f"{tuple(buf.shape[1:])} like the {'input' if j else 'first copy'}"
+                    f"augment: copy {j} is {xa.dtype} of shape {tuple(xa.shape)}, expected "
+                    f"{buf.dtype} of shape {tuple(buf.shape[1:])} like the "
+                    f"{'input' if self.include_clean else 'first copy'}"
                 )
             buf[j].copy_(xa)
             targets.append(ta)

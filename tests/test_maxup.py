@@ -345,6 +345,8 @@ def test_bad_inputs_leave_them_unchanged():
         fm.MaxUp(mlp(), lambda t: t[:1], k=2)(x, y)
     with pytest.raises(TypeError, match="augment:"):
         fm.MaxUp(mlp(), lambda t: (t, y, y), k=2)(x, y)
+    with pytest.raises(ValueError, match="augment: copy 1 is torch.float32"):
+        fm.MaxUp(mlp(), lambda t: t.float(), k=2, include_clean=True)(x, y)
     with pytest.raises(RuntimeError, match="model:"):
         fm.MaxUp(lambda t: t.sum(1), Replay(noise), k=2)(x, y)
     bad_soft = fm.augment.with_target(
