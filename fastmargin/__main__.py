@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastmargin {bench,info}``."""
+"""Command line: ``python -m fastmargin {demo,bench,info}``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,14 @@ def _bench(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmargin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from .demo import add_demo_arguments, main_demo
+
+    p_demo = sub.add_parser(
+        "demo", help="train a small CNN on scikit-learn's digits with each objective"
+    )
+    add_demo_arguments(p_demo)
+    p_demo.set_defaults(func=main_demo)
 
     p_info = sub.add_parser("info", help="build and device information")
     p_info.set_defaults(func=_info)
