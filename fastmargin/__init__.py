@@ -9,13 +9,20 @@ from __future__ import annotations
 
 from . import reference
 from ._validation import set_validation, validation_enabled
+from .amo import AllLayerMargin
 from .functional import worst_of_k_cross_entropy
 from .modules import WorstOfKCrossEntropy
+from .perturb import all_layer_perturb
+from .stability import NoiseStability, noise_stability
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllLayerMargin",
+    "NoiseStability",
     "WorstOfKCrossEntropy",
+    "all_layer_perturb",
+    "noise_stability",
     "reference",
     "set_validation",
     "validation_enabled",

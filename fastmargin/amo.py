@@ -1,0 +1,193 @@
+"""All-layer margin optimisation (AMO, Wei & Ma, ICLR 2020, arXiv 1910.04284) on any nn.Module."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._layers import LayerSpec, check_tensor_output, select_layers, unwrap
+from .perturb import all_layer_perturb
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class AllLayerMargin:
+    r"""AMO training loss: the loss of the network perturbed after every chosen layer.
+
+    After each chosen layer i the output u_i is replaced (by a forward hook) with
+    :math:`u_i + \lVert u_{i,b}\rVert_2\,\delta_{i,b}` (:func:`fastmargin.all_layer_perturb`,
+    the norm per example b and not detached). Calling ``amo(x, y)``:
+
+    1. starts every :math:`\delta_i` at zero (float32, float64 for float64 activations; one
+       per example, the shape of the layer's output);
+    2. takes ``inner_steps`` steps of gradient *ascent* on the loss
+       :math:`L = \text{loss\_fn}(\text{model}(x), y)` with respect to the deltas only,
+       :math:`\delta_i \leftarrow \delta_i + \text{inner\_lr}\,\partial L/\partial\delta_i`
+       (SGD with learning rate ``inner_lr`` on :math:`-L`), each gradient from
+       ``torch.autograd.grad(L, deltas)``, so no parameter gradient is computed or
+       accumulated and ``param.grad`` is left untouched;
+    3. runs the perturbed forward with the deltas fixed (detached) and returns its loss, ready
+       for ``.backward()`` (gradients flow into the parameters through the activations and
+       through the norms :math:`\lVert u_{i,b}\rVert`).
+
+    The ascent uses the same loss as the one returned (with the default
+    ``F.cross_entropy``, the batch *mean*, so each example's ascent gradient carries a 1/B).
+
+    Batch normalisation: in training mode every forward of the ascent would update the running
+    statistics (``inner_steps`` extra momentum updates per call, on perturbed activations).
+    With ``freeze_bn_stats=True`` (the default) the BatchNorm layers that are training and
+    track running statistics use batch statistics during the ascent, as in any training
+    forward, but leave ``running_mean``, ``running_var`` and ``num_batches_tracked``
+    unchanged; only the final perturbed forward updates them, once per call, as a plain
+    training step does. Dropout and other random layers draw fresh randomness in each forward.
+
+    Distributed: a ``DistributedDataParallel`` model is accepted as is. Its ascent forwards
+    run under ``model.no_sync()`` and the ascent's ``autograd.grad`` reaches no parameter,
+    so no gradient is all-reduced until the returned loss's ``.backward()``, which syncs once
+    as in plain DDP training. Each process perturbs its own examples.
+
+    Autocast, devices: nothing is hard-coded; under ``torch.autocast`` the perturbation keeps
+    the activation's dtype (bfloat16 activations, float32 deltas).
+
+    The hooks stay installed until :meth:`remove` (or the end of a ``with`` block); outside a
+    call they do nothing, so the model can be evaluated normally meanwhile. After
+    :meth:`remove` the model is exactly as before (no hooks, no state).
+
+    Args:
+        model: any module returning logits (possibly wrapped in DDP).
+        modules: the layers to perturb after: ``None`` for every Conv and Linear layer except
+            the last one registered (the final classifier), a list of submodules or names, or
+            a predicate ``(name, module) -> bool``.
+        inner_lr: ascent step size (>= 0).
+        inner_steps: ascent steps (>= 0; 0 gives the clean loss).
+        loss_fn: ``loss_fn(logits, y) -> scalar``; default ``F.cross_entropy``.
+        freeze_bn_stats: keep BatchNorm running statistics unchanged during the ascent.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: LayerSpec = None,
+        *,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        loss_fn: Optional[LossFn] = None,
+        freeze_bn_stats: bool = True,
+    ) -> None:
+        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)):
+            raise TypeError(f"inner_lr: expected a float, got {type(inner_lr).__name__}")
+        if not (math.isfinite(inner_lr) and inner_lr >= 0):
+            raise ValueError(f"inner_lr: expected a finite value >= 0, got {inner_lr}")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int):
+            raise TypeError(f"inner_steps: expected an int, got {type(inner_steps).__name__}")
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps: expected a value >= 0, got {inner_steps}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        self.model = model
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = inner_steps
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.freeze_bn_stats = bool(freeze_bn_stats)
+        self.layers: List[Tuple[str, nn.Module]] = select_layers(unwrap(model), modules)
+        self._mode: Optional[str] = None  # None (inactive) | "ascent" | "final"
+        self._deltas: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._calls: List[int] = [0] * len(self.layers)
+        self._handles = [
+            module.register_forward_hook(functools.partial(self._hook, index))
+            for index, (_name, module) in enumerate(self.layers)
+        ]
+
+    @property
+    def layer_names(self) -> List[str]:
+        """Names (as in ``named_modules()``) of the perturbed layers, in registration order."""
+        return [name for name, _ in self.layers]
+
+    def _hook(self, index: int, module: nn.Module, inputs, output):
+        if self._mode is None:
+            return None
+        u = check_tensor_output(output, self.layers[index][0])
+        # A layer called several times in one forward gets one delta per call.
+        key = (index, self._calls[index])
+        self._calls[index] += 1
+        delta = self._deltas.get(key)
+        if delta is None:
+            if self._mode == "final":  # no ascent ran (inner_steps == 0): delta is zero
+                return None
+            dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+            delta = torch.zeros(u.shape, dtype=dtype, device=u.device, requires_grad=True)
+            self._deltas[key] = delta
+        elif delta.shape != u.shape:
+            raise RuntimeError(
+                f"layer {self.layers[index][0]!r}: output shape changed from "
+                f"{tuple(delta.shape)} to {tuple(u.shape)} between forwards of one AMO call"
+            )
+        return all_layer_perturb(u, delta)
+
+    @contextlib.contextmanager
+    def _ascent_context(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if isinstance(self.model, nn.parallel.DistributedDataParallel):
+                stack.enter_context(self.model.no_sync())
+            frozen = []
+            if self.freeze_bn_stats:
+                for m in unwrap(self.model).modules():
+                    if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
+                        # Training BN with track_running_stats False normalises with batch
+                        # statistics and passes no running buffers: nothing is updated.
+                        m.track_running_stats = False
+                        frozen.append(m)
+            try:
+                yield
+            finally:
+                for m in frozen:
+                    m.track_running_stats = True
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._calls = [0] * len(self.layers)
+        return self.loss_fn(self.model(x), y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Runs the ascent and returns the loss of the perturbed network (see the class doc)."""
+        if self._handles is None:
+            raise RuntimeError("AllLayerMargin: the hooks were removed; create a new instance")
+        self._deltas = {}
+        try:
+            if self.inner_steps > 0:
+                self._mode = "ascent"
+                with self._ascent_context():
+                    for _ in range(self.inner_steps):
+                        loss = self._forward(x, y)
+                        deltas = list(self._deltas.values())
+                        grads = torch.autograd.grad(loss, deltas, allow_unused=True)
+                        with torch.no_grad():
+                            for d, g in zip(deltas, grads):
+                                if g is not None:
+                                    d.add_(g, alpha=self.inner_lr)
+                for d in self._deltas.values():
+                    d.requires_grad_(False)
+            self._mode = "final"
+            return self._forward(x, y)
+        finally:
+            self._mode = None
+            self._deltas = {}
+
+    def remove(self) -> None:
+        """Removes the hooks: the model is left exactly as it was before."""
+        if self._handles is not None:
+            for h in self._handles:
+                h.remove()
+            self._handles = None
+
+    def __enter__(self) -> AllLayerMargin:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
