@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ class AllLayerMargin:
         *,
         inner_lr: float = 0.01,
         inner_steps: int = 1,
-        loss_fn: Optional[LossFn] = None,
+        loss_fn: LossFn | None = None,
         freeze_bn_stats: bool = True,
     ) -> None:
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)):
@@ -97,7 +97,7 @@ class AllLayerMargin:
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
         self.freeze_bn_stats = bool(freeze_bn_stats)
         self.layers: List[Tuple[str, nn.Module]] = select_layers(unwrap(model), modules)
-        self._mode: Optional[str] = None  # None (inactive) | "ascent" | "final"
+        self._mode: str | None = None  # None (inactive) | "ascent" | "final"
         self._deltas: Dict[Tuple[int, int], torch.Tensor] = {}
         self._calls: List[int] = [0] * len(self.layers)
         self._handles = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ def noise_stability(
     layers: LayerSpec = None,
     sigma: float = 0.1,
     trials: int = 8,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> NoiseStability:
     r"""How much noise injected at one layer grows or shrinks by later layers.
 
@@ -139,7 +139,7 @@ def noise_stability(
         state["acts"][index] = u
         return u if state["inject"] == index else None
 
-    def run(inject: Optional[int], make_delta=None):
+    def run(inject: int | None, make_delta=None):
         state.update(seen=set(), acts={}, inject=inject, delta=make_delta)
         out = model(x)
         return dict(state["acts"]), check_tensor_output(out, "output")
