@@ -82,12 +82,20 @@ torch.library.register_autograd(
 # --- all_layer_perturb ---------------------------------------------------------------------
 
 
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    import torch._prims_common as prims  # the helper's name differs between torch versions
+
+    fn = (
+        getattr(prims, "is_non_overlapping_and_dense_or_false", None)
+        or prims.is_non_overlapping_and_dense
+    )
+    return fn(t)
+
+
 def _example_major(t: torch.Tensor) -> bool:
     """Mirror of example_major() in csrc/include/fastmargin/all_layer_perturb.h: every example
     is one flat memory range (non-overlapping, dense, batch dim outermost)."""
-    from torch._prims_common import is_non_overlapping_and_dense
-
-    if t.dim() == 0 or not is_non_overlapping_and_dense(t):
+    if t.dim() == 0 or not (t.numel() < 2 or _non_overlapping_and_dense(t)):
         return False
     B = t.shape[0]
     return B <= 1 or t.numel() == 0 or t.stride(0) == t.numel() // B

@@ -122,7 +122,9 @@ class AllLayerMargin:
             if self._mode == "final":  # no ascent ran (inner_steps == 0): delta is zero
                 return None
             dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-            delta = torch.zeros(u.shape, dtype=dtype, device=u.device, requires_grad=True)
+            # zeros_like keeps u's memory layout (e.g. channels_last), so the op reads both
+            # in place without copying delta.
+            delta = torch.zeros_like(u, dtype=dtype).requires_grad_()
             self._deltas[key] = delta
         elif delta.shape != u.shape:
             raise RuntimeError(

@@ -145,7 +145,8 @@ def noise_stability(
         return dict(state["acts"]), check_tensor_output(out, "output")
 
     def unit_noise(u: torch.Tensor) -> torch.Tensor:
-        xi = torch.randn(u.shape, dtype=torch.float32, device=u.device, generator=generator)
+        # In u's memory layout (empty_like), so the op reads u and delta in place.
+        xi = torch.empty_like(u, dtype=torch.float32).normal_(generator=generator)
         norm = torch.linalg.vector_norm(xi.reshape(u.shape[0], -1), dim=1)
         scale = sigma / norm.clamp_min(torch.finfo(torch.float32).tiny)
         return xi * scale.reshape((-1,) + (1,) * (u.dim() - 1))

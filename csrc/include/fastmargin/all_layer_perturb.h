@@ -25,7 +25,8 @@ inline at::ScalarType perturb_stats_dtype(const at::Tensor& u) {
 
 // True when every example of t is one flat range [b*N, (b+1)*N) of its storage.
 inline bool example_major(const at::Tensor& t) {
-  if (t.dim() == 0 || !t.is_non_overlapping_and_dense()) return false;
+  // numel < 2 counts as dense, as torch._prims_common says (the fake kernel's check).
+  if (t.dim() == 0 || (t.numel() >= 2 && !t.is_non_overlapping_and_dense())) return false;
   const int64_t B = t.size(0);
   return B <= 1 || t.numel() == 0 || t.stride(0) == t.numel() / B;
 }
