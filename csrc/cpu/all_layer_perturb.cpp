@@ -37,34 +37,61 @@ void for_each_chunk(int64_t B, int64_t N, const F& f) {
   });
 }
 
-// Per-example sums s_b = sum_i a_bi * c_bi (c == nullptr: sum_i a_bi^2), accumulated in acc_t
-// with four independent accumulators per chunk (vectorisable, and a shorter error chain).
-template <typename acc_t, typename a_t, typename c_t>
+// Sum over [0, len) of x_i * y_i (SQUARE: x_i^2) with kLanes independent accumulators: the
+// compiler vectorises the lanes (no reassociation of one serial sum is needed), and the error
+// chain of each lane is kLanes times shorter than a single running sum.
+constexpr int kLanes = 16;
+
+template <bool SQUARE, typename acc_t, typename a_t, typename c_t>
+acc_t chunk_dot(const a_t* __restrict x, const c_t* __restrict y, int64_t len) {
+  acc_t s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int e = 0; e < kLanes; ++e) {
+      const acc_t xv = static_cast<acc_t>(x[i + e]);
+      s[e] += xv * (SQUARE ? xv : static_cast<acc_t>(y[i + e]));
+    }
+  }
+  for (; i < len; ++i) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    s[0] += xv * (SQUARE ? xv : static_cast<acc_t>(y[i]));
+  }
+  for (int w = kLanes / 2; w > 0; w /= 2) {  // pairwise merge of the lanes
+    for (int e = 0; e < w; ++e) s[e] += s[e + w];
+  }
+  return s[0];
+}
+
+// Per-example sums s_b = sum_i a_bi * c_bi (SQUARE: sum_i a_bi^2), accumulated in acc_t.
+template <bool SQUARE, typename acc_t, typename a_t, typename c_t>
 std::vector<acc_t> per_example_dot(const a_t* a, const c_t* c, int64_t B, int64_t N) {
   const int64_t chunks = std::max<int64_t>(1, (N + kChunk - 1) / kChunk);
   std::vector<acc_t> partial(B * chunks, acc_t(0));
   for_each_chunk(B, N, [&](int64_t b, int64_t lo, int64_t hi) {
-    const a_t* x = a + b * N;
-    const c_t* y = c ? c + b * N : nullptr;
-    acc_t s[4] = {0, 0, 0, 0};
-    int64_t i = lo;
-    for (; i + 4 <= hi; i += 4) {
-      for (int e = 0; e < 4; ++e) {
-        const acc_t xv = static_cast<acc_t>(x[i + e]);
-        s[e] += xv * (y ? static_cast<acc_t>(y[i + e]) : xv);
-      }
-    }
-    for (; i < hi; ++i) {
-      const acc_t xv = static_cast<acc_t>(x[i]);
-      s[0] += xv * (y ? static_cast<acc_t>(y[i]) : xv);
-    }
-    partial[b * chunks + lo / kChunk] = (s[0] + s[1]) + (s[2] + s[3]);
+    const int64_t off = b * N + lo;
+    partial[b * chunks + lo / kChunk] =
+        chunk_dot<SQUARE, acc_t>(a + off, SQUARE ? nullptr : c + off, hi - lo);
   });
   std::vector<acc_t> sums(B, acc_t(0));
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < chunks; ++j) sums[b] += partial[b * chunks + j];
   }
   return sums;
+}
+
+// out_i = x_i + k * y_i, in acc_t, rounded once.
+template <typename acc_t, typename x_t, typename y_t, typename o_t>
+void axpy(const x_t* __restrict x, const y_t* __restrict y, o_t* __restrict out, acc_t k,
+          int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    out[i] = static_cast<o_t>(static_cast<acc_t>(x[i]) + k * static_cast<acc_t>(y[i]));
+  }
+}
+
+// out_i = k * x_i.
+template <typename acc_t, typename x_t, typename o_t>
+void scale(const x_t* __restrict x, o_t* __restrict out, acc_t k, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<o_t>(k * static_cast<acc_t>(x[i]));
 }
 
 template <typename scalar_t, typename delta_t>
@@ -75,14 +102,11 @@ void forward_impl(const at::Tensor& u, const at::Tensor& delta, at::Tensor& out,
   const delta_t* dp = delta.const_data_ptr<delta_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* np = norm.mutable_data_ptr<acc_t>();
-  const std::vector<acc_t> sq = per_example_dot<acc_t, scalar_t, scalar_t>(up, nullptr, B, N);
+  const std::vector<acc_t> sq = per_example_dot<true, acc_t, scalar_t, scalar_t>(up, nullptr, B, N);
   for (int64_t b = 0; b < B; ++b) np[b] = std::sqrt(sq[b]);
   for_each_chunk(B, N, [&](int64_t b, int64_t lo, int64_t hi) {
-    const acc_t n = np[b];
-    const int64_t base = b * N;
-    for (int64_t i = base + lo; i < base + hi; ++i) {
-      op[i] = static_cast<scalar_t>(static_cast<acc_t>(up[i]) + n * static_cast<acc_t>(dp[i]));
-    }
+    const int64_t off = b * N + lo;
+    axpy<acc_t>(up + off, dp + off, op + off, np[b], hi - lo);
   });
 }
 
@@ -123,17 +147,13 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& u, const at::Tensor
   std::vector<acc_t> coef(B, acc_t(0));
   if (gu) {
     const std::vector<acc_t> dot =
-        per_example_dot<acc_t, scalar_t, delta_t>(gp, delta.const_data_ptr<delta_t>(), B, N);
+        per_example_dot<false, acc_t, scalar_t, delta_t>(gp, delta.const_data_ptr<delta_t>(), B, N);
     for (int64_t b = 0; b < B; ++b) coef[b] = np[b] > acc_t(0) ? dot[b] / np[b] : acc_t(0);
   }
   for_each_chunk(B, N, [&](int64_t b, int64_t lo, int64_t hi) {
-    const acc_t n = np[b], k = coef[b];
-    const int64_t base = b * N;
-    for (int64_t i = base + lo; i < base + hi; ++i) {
-      const acc_t g = static_cast<acc_t>(gp[i]);
-      if (gu) gu[i] = static_cast<scalar_t>(g + static_cast<acc_t>(up[i]) * k);
-      if (gd) gd[i] = static_cast<delta_t>(n * g);
-    }
+    const int64_t off = b * N + lo;
+    if (gu) axpy<acc_t>(gp + off, up + off, gu + off, coef[b], hi - lo);  // g + u * coef
+    if (gd) scale<acc_t>(gp + off, gd + off, np[b], hi - lo);             // ||u|| * g
   });
 }
 
