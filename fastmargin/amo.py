@@ -188,6 +188,8 @@ class AllLayerMargin:
                 h.remove()
             self._handles = None
 
+    close = remove
+
     def __enter__(self) -> AllLayerMargin:
         return self
 

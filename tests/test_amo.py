@@ -28,7 +28,7 @@ def plain_amo_loss(model, layers, x, y, *, lr=0.01, steps=1, freeze_bn=True):
             calls[i] += 1
             acc = torch.float64 if out.dtype == torch.float64 else torch.float32
             if key not in deltas:
-                deltas[key] = torch.zeros(out.shape, dtype=acc, requires_grad=True)
+                deltas[key] = torch.zeros(out.shape, dtype=acc, device=out.device).requires_grad_()
             B = out.shape[0]
             norm = out.to(acc).reshape(B, -1).norm(dim=1).view((B,) + (1,) * (out.dim() - 1))
             return (out.to(acc) + norm * deltas[key]).to(out.dtype)
@@ -136,6 +136,20 @@ def test_matches_plain_hook_implementation(kind, steps, lr):
     for a, b in zip(_grads(model), _grads(twin)):
         torch.testing.assert_close(a, b)
     for a, b in zip(model.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_cnn_matches_plain_hook_implementation():
+    model = cnn().to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)
+    x, y = data("cnn")
+    x = x.contiguous(memory_format=torch.channels_last)
+    loss = fm.AllLayerMargin(model, inner_lr=0.5, inner_steps=2)(x, y)
+    ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5, steps=2)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    for a, b in zip(_grads(model), _grads(twin)):
         torch.testing.assert_close(a, b)
 
 
@@ -257,7 +271,7 @@ def test_remove_restores_the_model_exactly():
         assert torch.equal(v, before_state[k])
     with pytest.raises(RuntimeError, match="removed"):
         amo(x, y)
-    amo.remove()  # idempotent
+    amo.close()  # an alias of remove(), idempotent
     with fm.AllLayerMargin(model) as amo2:
         amo2(x, y)
         assert _hook_count(model) == n_hooks + 2
@@ -359,6 +373,28 @@ def test_layer_returning_a_tuple_is_rejected():
     x, y = data("mlp")
     with pytest.raises(TypeError, match="layer 'pair' returned tuple"):
         fm.AllLayerMargin(net, ["pair"])(x, y)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_matches_plain_hook_implementation(kind, autocast):
+    model = MODELS[kind]().cuda()
+    if kind == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)
+    x, y = data(kind)
+    x, y = x.cuda(), y.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = fm.AllLayerMargin(model, inner_lr=0.5, inner_steps=2)(x, y)
+        ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5, steps=2)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, ref, **tol)
+    loss.backward()
+    ref.backward()
+    gtol = dict(rtol=5e-2, atol=5e-3) if autocast else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip(_grads(model), _grads(twin)):
+        torch.testing.assert_close(a, b, **gtol)
 
 
 # --- DistributedDataParallel (2 processes, gloo) -----------------------------------------

@@ -99,15 +99,16 @@ def test_matches_manual_computation(kind):
     torch.testing.assert_close(res.std, std, rtol=1e-3, atol=1e-6, equal_nan=True)
 
 
-def test_orthogonal_layers_preserve_the_relative_noise():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_orthogonal_layers_preserve_the_relative_noise(device):
     torch.manual_seed(0)
     layers = []
     for _ in range(3):
         lin = nn.Linear(8, 8, bias=False)
         nn.init.orthogonal_(lin.weight)
         layers.append(lin)
-    model = nn.Sequential(*layers)
-    x = torch.randn(6, 8)
+    model = nn.Sequential(*layers).to(device)
+    x = torch.randn(6, 8, device=device)
     res = fm.noise_stability(model, x, layers=["0", "1"], sigma=0.05, trials=3)
     # Orthogonal maps keep norms: every later layer sees exactly the injected relative size.
     for i in range(2):

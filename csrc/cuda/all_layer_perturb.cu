@@ -6,26 +6,28 @@
 // elements and everything else is elementwise, so no index arithmetic beyond b*N + i is needed.
 //
 // Each op is a per-example reduction followed by an elementwise pass:
-//  * fused (one launch) when there are enough examples to fill the GPU: a group per example
-//    (a warp for N <= kWarpMaxElems, else a 512-thread block) reduces its example with 16-byte
-//    vector loads, merges the partials with warp shuffles (+ shared memory across warps), then
-//    walks the example again for the elementwise pass. The second walk re-reads an example the
-//    same group has just read, which is usually served by L2 (one example is at most a few
-//    hundred KB in practice while L2 holds tens of MB);
-//  * split (two launches) when few examples are large (B small): each example is cut into
-//    `chunks` chunks so that every SM has work; launch 1 writes one fp32 partial sum per
-//    chunk into a (B, chunks) buffer, launch 2 has each chunk's block sum its example's
-//    partials in a fixed order (deterministic, no atomics) and apply the elementwise pass.
+//  * fused (one launch) when there are enough examples to fill the GPU (B >= 2 per SM): a
+//    group per example (a warp for N <= kWarpMaxElems, else a 512-thread block) reduces its
+//    example with 16-byte vector loads, merges the partials with warp shuffles (+ shared
+//    memory across warps), then walks the example again for the elementwise pass. The second
+//    walk re-reads what the same group has just read, usually from L2 (an example is at most a
+//    few hundred KB in practice, L2 holds tens of MB);
+//  * split (two launches) when few examples are large: each example is cut into `chunks`
+//    chunks so that every SM has work; launch 1 writes one fp32 partial sum per chunk into a
+//    (B, chunks) buffer, launch 2 has each chunk's block sum its example's partials in a fixed
+//    order (deterministic, no atomics) and apply the elementwise pass.
 // fp32 accumulation (fp64 for float64), int64 offsets, no host synchronisation.
 //
-// Byte model (E = B*N elements; s_u bytes per u/g/out element, s_d per delta element):
-//   forward:  read u (norm), read u + delta, write out      -> E*(3*s_u + s_d)
-//             (2*s_u + s_d when the second read of u hits L2); saves norm (B,) fp32
-//   backward: read g + delta (<g, delta>), read g + u, write grad_u and grad_delta
-//             -> E*(4*s_u + 2*s_d) (E*(3*s_u + s_d + ...) when the re-read of g hits L2);
-//             grad_delta alone (u not requiring grad) is purely elementwise: E*(s_u + s_d)
-//   The floor (each input read once, each output written once): forward E*(2*s_u + s_d),
-//   backward E*(3*s_u + 2*s_d) (g, u, delta read; grad_u, grad_delta written).
+// Byte model (E = B*N elements; s_u bytes per u / g / out element, s_d per delta element):
+//   forward:  pass 1 reads u (the norm); pass 2 reads u and delta, writes out
+//             -> E*(3*s_u + s_d); floor E*(2*s_u + s_d) when the re-read of u hits L2.
+//             Saves only the (B,) fp32 norm for the backward.
+//   backward: pass 1 reads g and delta (<g, delta>); pass 2 reads g and u, writes grad_u and
+//             grad_delta = ||u|| * g -> E*(4*s_u + 2*s_d); floor E*(3*s_u + 2*s_d) when the
+//             re-read of g hits L2. grad_delta alone (u needs no gradient) is one elementwise
+//             pass: E*(s_u + s_d).
+//   e.g. bfloat16 activations with float32 deltas (AMO under autocast): forward 10 B/element
+//   (floor 8), backward 16 B/element (floor 14).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -229,26 +231,26 @@ void launch_vec(Params<scalar_t, delta_t, acc_t> p) {
     launch_phase<scalar_t, delta_t, acc_t, VEC, kWarp, BACKWARD, Phase::kFused>(p);
     return;
   }
-  // Enough examples for ~4 blocks per SM: one fused launch. Otherwise split the examples.
+  // Enough examples for ~2 blocks (of 512 threads) per SM: one fused launch. Otherwise split
+  // each example into chunks (a tuning knob: measure before changing the factor).
   int sms = 0;
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t target_blocks = 4 * static_cast<int64_t>(std::max(sms, 1));
+  const int64_t target_blocks = 2 * static_cast<int64_t>(std::max(sms, 1));
   const int64_t max_chunks = std::max<int64_t>(1, p.N / kMinChunk);
   const int64_t chunks =
       std::min(max_chunks, std::max<int64_t>(1, (target_blocks + p.B - 1) / p.B));
   const bool needs_sum = !BACKWARD || p.reduce;
-  if (chunks == 1 || !needs_sum) {
-    // Without a reduction (grad_delta only) the chunks are independent: one launch.
-    p.chunks = needs_sum ? 1 : chunks;
-    p.chunk_len = (p.N + p.chunks - 1) / p.chunks;
-    p.chunk_len = (p.chunk_len + VEC - 1) / VEC * VEC;
+  // Chunks of a multiple of VEC elements (keeps every chunk start aligned); the rounding may
+  // need one chunk fewer than asked for.
+  p.chunks = chunks;
+  p.chunk_len = ((p.N + p.chunks - 1) / p.chunks + VEC - 1) / VEC * VEC;
+  p.chunks = (p.N + p.chunk_len - 1) / p.chunk_len;
+  if (p.chunks == 1 || !needs_sum) {
+    // One example per block, or no reduction at all (grad_delta only: chunks independent).
     launch_phase<scalar_t, delta_t, acc_t, VEC, kBlock, BACKWARD, Phase::kFused>(p);
     return;
   }
-  p.chunks = chunks;
-  p.chunk_len = ((p.N + chunks - 1) / chunks + VEC - 1) / VEC * VEC;
-  p.chunks = (p.N + p.chunk_len - 1) / p.chunk_len;  // rounding may leave a chunk empty
   at::Tensor partial =
       at::empty({p.B * p.chunks}, at::TensorOptions()
                                       .device(at::kCUDA, c10::cuda::current_device())
