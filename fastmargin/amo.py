@@ -18,6 +18,13 @@ from .perturb import all_layer_perturb
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _per_example_norm(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) ||u_b||_2 over the non-batch dims, accumulated in ``dtype``, without a copy."""
+    if u.dim() == 1:
+        return u.abs().to(dtype)
+    return torch.linalg.vector_norm(u, dim=tuple(range(1, u.dim())), dtype=dtype)
+
+
 class AllLayerMargin:
     r"""AMO training loss: the loss of the network perturbed after every chosen layer.
 
@@ -33,6 +40,12 @@ class AllLayerMargin:
        (SGD with learning rate ``inner_lr`` on :math:`-L`), each gradient from
        ``torch.autograd.grad(L, deltas)``, so no parameter gradient is computed or
        accumulated and ``param.grad`` is left untouched;
+       The first step starts at :math:`\delta = 0`, where the perturbed network is the
+       clean one and :math:`\partial L/\partial\delta_{i,b} = \lVert u_{i,b}\rVert\,
+       \partial L/\partial u_{i,b}`; it is computed that way (a clean forward and
+       ``autograd.grad`` with respect to the layer outputs), which gives the same deltas
+       without running the perturbation op (layers whose output is modified in place later
+       in the forward, or needs no gradient, go through the op instead);
     3. runs the perturbed forward with the deltas fixed (detached) and returns its loss, ready
        for ``.backward()`` (gradients flow into the parameters through the activations and
        through the norms :math:`\lVert u_{i,b}\rVert`).
@@ -97,8 +110,10 @@ class AllLayerMargin:
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
         self.freeze_bn_stats = bool(freeze_bn_stats)
         self.layers: List[Tuple[str, nn.Module]] = select_layers(unwrap(model), modules)
-        self._mode: str | None = None  # None (inactive) | "ascent" | "final"
+        self._mode: str | None = None  # None (inactive) | "capture" | "ascent" | "final"
         self._deltas: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._captured: Dict[Tuple[int, int], Tuple[torch.Tensor, int]] = {}
+        self._no_capture: set = set()  # layers whose output is modified in place downstream
         self._calls: List[int] = [0] * len(self.layers)
         self._handles = [
             module.register_forward_hook(functools.partial(self._hook, index))
@@ -117,6 +132,11 @@ class AllLayerMargin:
         # A layer called several times in one forward gets one delta per call.
         key = (index, self._calls[index])
         self._calls[index] += 1
+        if self._mode == "capture" and u.requires_grad and index not in self._no_capture:
+            # First ascent step, delta = 0: u' = u, so the layer's output is left alone and
+            # the delta gradient is recovered from dL/du (see _first_ascent_step).
+            self._captured[key] = (u, u._version)
+            return None
         delta = self._deltas.get(key)
         if delta is None:
             if self._mode == "final":  # no ascent ran (inner_steps == 0): delta is zero
@@ -163,9 +183,10 @@ class AllLayerMargin:
         self._deltas = {}
         try:
             if self.inner_steps > 0:
-                self._mode = "ascent"
                 with self._ascent_context():
-                    for _ in range(self.inner_steps):
+                    self._first_ascent_step(x, y)
+                    self._mode = "ascent"
+                    for _ in range(self.inner_steps - 1):
                         loss = self._forward(x, y)
                         deltas = list(self._deltas.values())
                         grads = torch.autograd.grad(loss, deltas, allow_unused=True)
@@ -180,6 +201,45 @@ class AllLayerMargin:
         finally:
             self._mode = None
             self._deltas = {}
+            self._captured = {}
+
+    def _first_ascent_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The first ascent step, from delta = 0, without running the perturbation op.
+
+        At delta = 0 the perturbed output u' = u + ||u|| * 0 equals u and dL/du' = dL/du, so
+        dL/d(delta) = ||u_b|| * dL/du_b: the forward is the clean one (the hooks only keep a
+        reference to each output u) and ``autograd.grad`` is taken with respect to the
+        outputs u themselves, still reaching no parameter. This saves the op's passes over
+        u, delta and the gradient in the (default) one-step AMO. A layer whose output does
+        not require grad, or is modified in place later in the forward (then dL/du would be
+        taken after the in-place op: detected with the tensor's version counter, and the
+        step is redone), gets a zero delta through the op instead.
+        """
+        while True:
+            self._mode = "capture"
+            self._deltas, self._captured = {}, {}
+            loss = self._forward(x, y)
+            changed = {k[0] for k, (u, version) in self._captured.items() if u._version != version}
+            if not changed:
+                break
+            self._no_capture |= changed  # remembered: later calls use the op at once
+        captured = list(self._captured.items())
+        deltas = list(self._deltas.items())
+        inputs = [u for _, (u, _v) in captured] + [d for _, d in deltas]
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        with torch.no_grad():
+            for (key, (u, _v)), g in zip(captured, grads):
+                dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+                delta = torch.zeros_like(u, dtype=dtype)  # u's layout, like the op's delta
+                if g is not None:
+                    norm = _per_example_norm(u, dtype)
+                    scale = (self.inner_lr * norm).view((-1,) + (1,) * (u.dim() - 1))
+                    torch.mul(g, scale, out=delta)
+                self._deltas[key] = delta.requires_grad_()
+            for (_key, d), g in zip(deltas, grads[len(captured) :]):
+                if g is not None:
+                    d.add_(g, alpha=self.inner_lr)
+        self._captured = {}
 
     def remove(self) -> None:
         """Removes the hooks: the model is left exactly as it was before."""

@@ -94,6 +94,13 @@ def test_channels_last_read_in_place(fmt, dtype):
     names = {e.name for e in prof.events()}
     assert not names & {"aten::copy_", "aten::clone", "aten::contiguous"}, names
     assert out.stride() == u.stride()
+    _, norm = ops.all_layer_perturb_fwd(u, d)
+    g = torch.randn_like(u)  # same layout as u
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        gu, gd = ops.all_layer_perturb_bwd(g, u, d, norm, True, True)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::copy_", "aten::clone", "aten::contiguous"}, names
+    assert gu.stride() == u.stride() and gd.stride() == u.stride()
     check_against_reference(u, d, grad_layout=torch.contiguous_format)
 
 

@@ -153,6 +153,51 @@ def test_channels_last_cnn_matches_plain_hook_implementation():
         torch.testing.assert_close(a, b)
 
 
+def test_first_step_runs_no_perturbation_op():
+    """From delta = 0 the first ascent step needs no op: only the final forward runs it."""
+    model = cnn()
+    x, y = data("cnn")
+    amo = fm.AllLayerMargin(model)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        amo(x, y).backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("fastmargin::all_layer_perturb_fwd") == len(amo.layers)
+
+
+def test_inplace_op_after_a_layer_falls_back_to_the_op():
+    """nn.ReLU(inplace=True) right after a Linear modifies its output in place: dL/du would
+    be taken after the ReLU, so that layer goes through the op (with a zero delta)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
+    )
+    twin = copy.deepcopy(model)
+    x, y = data("mlp")
+    amo = fm.AllLayerMargin(model, inner_lr=0.5)
+    for _ in range(2):  # the second call uses the op for layer 0 at once
+        loss = amo(x, y)
+        ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5)
+        torch.testing.assert_close(loss, ref)
+        loss.backward()
+        ref.backward()
+        for a, b in zip(_grads(model), _grads(twin)):
+            torch.testing.assert_close(a, b)
+    assert amo._no_capture == {0}
+
+
+def test_frozen_first_layer():
+    """A layer whose output needs no gradient (frozen weights, plain input) still gets its
+    delta (through the op)."""
+    model = cnn()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    twin = copy.deepcopy(model)
+    x, y = data("cnn")
+    loss = fm.AllLayerMargin(model, inner_lr=0.5)(x, y)
+    ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5)
+    torch.testing.assert_close(loss, ref)
+
+
 def test_shared_layer_gets_a_delta_per_call():
     model = Shared()
     twin = copy.deepcopy(model)
