@@ -34,7 +34,7 @@ def select_layers(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    named = [(n, m) for n, m in model.named_modules() if m is not model or n != ""]
+    named = [(n, m) for n, m in model.named_modules() if n != ""]  # not the model itself
     if layers is None:
         chosen = [(n, m) for n, m in named if isinstance(m, (_ConvNd, nn.Linear))][:-1]
         if not chosen:

@@ -162,6 +162,16 @@ def test_any_memory_order(case):
     check_against_reference(u, d)
 
 
+@pytest.mark.cuda
+@settings(max_examples=40, deadline=None)
+@given(_layout_strategy(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_cuda_any_memory_order(case, dtype):
+    shape, perm_u, perm_d = case
+    u, d = _inputs(shape, dtype, torch.float32, device="cuda")
+    u, d = _with_memory_order(u, list(perm_u)), _with_memory_order(d, list(perm_d))
+    check_against_reference(u, d)
+
+
 def test_zero_norm_example_has_finite_gradients():
     u, d = _inputs((3, 4, 5), torch.float32)
     u[1] = 0.0
