@@ -39,9 +39,9 @@ class AllLayerMargin:
        :math:`\delta_i \leftarrow \delta_i + \text{inner\_lr}\,\partial L/\partial\delta_i`
        (SGD with learning rate ``inner_lr`` on :math:`-L`), each gradient from
        ``torch.autograd.grad(L, deltas)``, so no parameter gradient is computed or
-       accumulated and ``param.grad`` is left untouched;
-       The first step starts at :math:`\delta = 0`, where the perturbed network is the
-       clean one and :math:`\partial L/\partial\delta_{i,b} = \lVert u_{i,b}\rVert\,
+       accumulated and ``param.grad`` is left untouched. The first step starts at
+       :math:`\delta = 0`, where the perturbed network is the clean one and
+       :math:`\partial L/\partial\delta_{i,b} = \lVert u_{i,b}\rVert\,
        \partial L/\partial u_{i,b}`; it is computed that way (a clean forward and
        ``autograd.grad`` with respect to the layer outputs), which gives the same deltas
        without running the perturbation op (layers whose output is modified in place later

@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(block_threads(GROUP))
   } else {
     const acc_t n = p.norm[b];
     const acc_t coef = n > acc_t(0) ? s / n : acc_t(0);  // u/||u|| term is 0 at ||u|| = 0
-    apply_backward<VEC, GROUP>(p.a + off, p.u + off, p.out ? p.out + off : nullptr,
+    apply_backward<VEC, GROUP>(p.a + off, p.u ? p.u + off : nullptr, p.out ? p.out + off : nullptr,
                                p.out_delta ? p.out_delta + off : nullptr, n, coef, len, t);
   }
 }
