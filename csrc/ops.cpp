@@ -27,6 +27,17 @@ TORCH_LIBRARY(fastmargin, m) {
   m.def(
       "multiclass_margin_bwd(Tensor grad_margin, Tensor target, Tensor runner_up, "
       "SymInt num_classes, ScalarType dtype) -> Tensor");
+  // --- all_layer_perturb (AMO) ---
+  // out = u + ||u_b||_2 * delta for u (B, ...), the norm over every non-batch dim of example b;
+  // delta has u's shape and u's dtype (or float32 for float16 / bfloat16 u). Returns
+  // (out in u's dtype, norm (B,) float32 (float64 for float64 u), saved for the backward).
+  m.def("all_layer_perturb_fwd(Tensor u, Tensor delta) -> (Tensor, Tensor)");
+  // (grad_u, grad_delta) for out's gradient `grad`: grad_u = grad + u * <grad_b, delta_b> /
+  // ||u_b|| (0 where ||u_b|| = 0), grad_delta = ||u_b|| * grad (in delta's dtype). A gradient
+  // that is not needed comes back as an empty (0,) tensor.
+  m.def(
+      "all_layer_perturb_bwd(Tensor grad, Tensor u, Tensor delta, Tensor norm, bool need_grad_u, "
+      "bool need_grad_delta) -> (Tensor, Tensor)");
 }
 
 // A Python module named _C so `import fastmargin._C` loads the library (and its registrations).

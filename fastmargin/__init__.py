@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from . import augment, reference
 from ._validation import set_validation, validation_enabled
+from .amo import AllLayerMargin
 from .functional import worst_of_k_cross_entropy
 from .margin_op import multiclass_margin
 from .margins import margin_auc, margin_distribution, plot_margin_cdf, weight_norm_product
 from .maxup import MaxUp
 from .modules import WorstOfKCrossEntropy
+from .perturb import all_layer_perturb
 from .pruning import MarginPruner
+from .stability import NoiseStability, noise_stability
 from .weight_robust import (
     WeightRobustCrossEntropy,
     weight_perturbation_radius,
@@ -24,14 +27,18 @@ from .weight_robust import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllLayerMargin",
     "MarginPruner",
     "MaxUp",
+    "NoiseStability",
     "WeightRobustCrossEntropy",
-    "augment",
     "WorstOfKCrossEntropy",
+    "all_layer_perturb",
+    "augment",
     "margin_auc",
     "margin_distribution",
     "multiclass_margin",
+    "noise_stability",
     "plot_margin_cdf",
     "reference",
     "set_validation",

@@ -158,4 +158,68 @@ torch.library.register_autograd(
     "fastmargin::multiclass_margin_bwd",
     _multiclass_margin_bwd_backward,
     setup_context=_multiclass_margin_bwd_setup_context,
+# --- all_layer_perturb ---------------------------------------------------------------------
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    import torch._prims_common as prims  # the helper's name differs between torch versions
+
+    fn = (
+        getattr(prims, "is_non_overlapping_and_dense_or_false", None)
+        or prims.is_non_overlapping_and_dense
+    )
+    return fn(t)
+
+
+def _example_major(t: torch.Tensor) -> bool:
+    """Mirror of example_major() in csrc/include/fastmargin/all_layer_perturb.h: every example
+    is one flat memory range (non-overlapping, dense, batch dim outermost)."""
+    if t.dim() == 0 or not (t.numel() < 2 or _non_overlapping_and_dense(t)):
+        return False
+    B = t.shape[0]
+    return B <= 1 or t.numel() == 0 or t.stride(0) == t.numel() // B
+
+
+def _perturb_working_layout(u: torch.Tensor) -> torch.Tensor:
+    return u if _example_major(u) else u.contiguous()
+
+
+@torch.library.register_fake("fastmargin::all_layer_perturb_fwd")
+def _all_layer_perturb_fwd_fake(u, delta):
+    w = _perturb_working_layout(u)
+    return torch.empty_like(w), u.new_empty((u.shape[0],), dtype=stats_dtype(u))
+
+
+@torch.library.register_fake("fastmargin::all_layer_perturb_bwd")
+def _all_layer_perturb_bwd_fake(grad, u, delta, norm, need_grad_u, need_grad_delta):
+    w = _perturb_working_layout(u)
+    grad_u = torch.empty_like(w) if need_grad_u else u.new_empty((0,))
+    grad_delta = (
+        torch.empty_like(w, dtype=delta.dtype) if need_grad_delta else delta.new_empty((0,))
+    )
+    return grad_u, grad_delta
+
+
+def _all_layer_perturb_setup_context(ctx, inputs, output):
+    u, delta = inputs
+    _out, norm = output
+    ctx.save_for_backward(u, delta, norm)
+    ctx.mark_non_differentiable(norm)
+
+
+def _all_layer_perturb_backward(ctx, grad_out, _grad_norm):
+    u, delta, norm = ctx.saved_tensors
+    need_u, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_out is None or not (need_u or need_delta):
+        return None, None
+    grad_u, grad_delta = ops.all_layer_perturb_bwd(
+        grad_out.to(u.dtype), u, delta, norm, need_u, need_delta
+    )
+    return (grad_u if need_u else None), (grad_delta if need_delta else None)
+
+
+torch.library.register_autograd(
+    "fastmargin::all_layer_perturb_fwd",
+    _all_layer_perturb_backward,
+    setup_context=_all_layer_perturb_setup_context,
 )

@@ -142,3 +142,16 @@ def weight_perturbation_radius(features: torch.Tensor, eps: float, p: float = 2.
         q = p / (p - 1)
         norm = h.pow(q).sum(dim=1).pow(1 / q)
     return eps * norm
+def all_layer_perturb(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """All-layer perturbation (AMO): u' = u + ||u_b||_2 * delta.
+
+    ||u_b||_2 is the norm of example b over every non-batch dim, not detached, computed in
+    float32 (float64 for float64 u); the result has u's dtype. Where ||u_b|| = 0 the gradient
+    of the norm is taken as 0 (PyTorch's own convention for vector_norm at 0).
+    """
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    B = u.shape[0]
+    ua = u.to(acc)
+    norm = torch.linalg.vector_norm(ua.reshape(B, -1), dim=1)
+    scale = norm.reshape((B,) + (1,) * (u.dim() - 1))
+    return (ua + scale * delta.to(acc)).to(u.dtype)
