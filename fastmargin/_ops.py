@@ -158,6 +158,9 @@ torch.library.register_autograd(
     "fastmargin::multiclass_margin_bwd",
     _multiclass_margin_bwd_backward,
     setup_context=_multiclass_margin_bwd_setup_context,
+)
+
+
 # --- all_layer_perturb ---------------------------------------------------------------------
 
 

@@ -142,6 +142,8 @@ def weight_perturbation_radius(features: torch.Tensor, eps: float, p: float = 2.
         q = p / (p - 1)
         norm = h.pow(q).sum(dim=1).pow(1 / q)
     return eps * norm
+
+
 def all_layer_perturb(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """All-layer perturbation (AMO): u' = u + ||u_b||_2 * delta.
 
