@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _validation as v
@@ -53,8 +51,8 @@ def check_probability_target(
 
 
 def check_class_weight(
-    weight: Optional[object], num_classes: int, logits: torch.Tensor
-) -> Optional[torch.Tensor]:
+    weight: object | None, num_classes: int, logits: torch.Tensor
+) -> torch.Tensor | None:
     """Checks ``weight=`` (None or a (C,) floating tensor on the logits' device) and returns it
     contiguous in the statistics dtype. Gradients do not flow into class weights (as in
     F.cross_entropy with class indices), so a weight that requires grad is rejected."""

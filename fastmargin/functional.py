@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 
@@ -35,7 +35,7 @@ def worst_of_k_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_index: bool = False,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
 ) -> Union[torch.Tensor, LossAndIndex]:
     r"""Worst-of-k cross-entropy (MaxUp): the loss of each sample's worst augmented copy.
 

@@ -8,7 +8,6 @@ benchmarks time them as the "eager" and "torch.compile" baselines.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ def cross_entropy_per_copy(
     dim: int = 1,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, k) matrix of l_bj = CE(z_bj, y_b) for logits with copies along ``dim``.
 
@@ -69,7 +68,7 @@ def worst_of_k_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_index: bool = False,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
 ):
     """Worst-of-k cross-entropy.
 
@@ -101,7 +100,7 @@ def reduce_cross_entropy(
     target: torch.Tensor,
     ignore_index: int,
     reduction: str,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.cross_entropy's reductions for every target kind.
 
