@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "fastmargin/ce_math.h"
 #include "fastmargin/ce_weighted_math.h"
@@ -116,29 +115,6 @@ ClassCoef<acc_t> make_coef(const c10::optional<at::Tensor>& class_weight, double
           acc_t(1) - static_cast<acc_t>(eps),
           C > 0 ? static_cast<acc_t>(eps) / acc_t(C) : acc_t(0)};
 }
-
-// Coefficients a_c of one row, evaluated in place: one read of the soft target row per sweep.
-template <typename scalar_t, typename target_t, typename acc_t>
-struct WeightedRow {
-  const scalar_t* z;
-  const target_t* p;  // nullptr: one-hot at y
-  int64_t y;          // -1 for soft targets (no class is "the target" for the radius)
-  acc_t r;
-  const ClassCoef<acc_t>& coef;
-
-  acc_t logit(int64_t c) const { return robust_logit(static_cast<acc_t>(z[c]), c == y, r); }
-  acc_t a(int64_t c) const { return coef(p ? static_cast<acc_t>(p[c]) : acc_t(c == y ? 1 : 0), c); }
-  WeightedRowStats<acc_t> stats(int64_t C) const {
-    WeightedRowStats<acc_t> st = WeightedRowStats<acc_t>::empty();
-    for (int64_t c = 0; c < C; ++c) st.add(logit(c), a(c));
-    return st;
-  }
-  acc_t asum(int64_t C) const {  // A = sum_c a_c without reading the logits
-    acc_t A = acc_t(0);
-    for (int64_t c = 0; c < C; ++c) A += a(c);
-    return A;
-  }
-};
 
 template <typename scalar_t, typename target_t>
 void forward_weighted_impl(const at::Tensor& logits, const at::Tensor& target,
@@ -249,23 +225,6 @@ void backward_weighted_impl(const at::Tensor& grad_loss, const at::Tensor& logit
       }
     }
   });
-}
-
-// The weighted path's dispatch: logits dtype, then the soft target's dtype (the logits' dtype
-// or float32); index targets instantiate target_t = scalar_t (unused).
-template <typename F>
-void dispatch_weighted(const at::Tensor& logits, const at::Tensor& target, F&& body) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_weighted_cpu", [&] {
-        if constexpr (std::is_same_v<scalar_t, at::Half> ||
-                      std::is_same_v<scalar_t, at::BFloat16>) {
-          if (is_soft_target(target) && target.scalar_type() == at::kFloat) {
-            body(scalar_t(0), float(0));
-            return;
-          }
-        }
-        body(scalar_t(0), scalar_t(0));
-      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cpu(

@@ -97,6 +97,33 @@ struct WeightedRowStats {
   FM_HD acc_t loss() const { return (asum == acc_t(0) ? acc_t(0) : asum * fm_log(sumexp)) - adot; }
 };
 
+// One row of the weighted loss: logits z, target distribution p (nullptr: one-hot at y), the
+// robust radius r (0: plain row) and the coefficients, evaluated in place so that a sweep over
+// the row reads the soft target row once, alongside the logits.
+template <typename scalar_t, typename target_t, typename acc_t>
+struct WeightedRow {
+  const scalar_t* z;
+  const target_t* p;  // nullptr: one-hot at y
+  int64_t y;          // -1 for soft targets (no class is "the target" for the radius)
+  acc_t r;
+  ClassCoef<acc_t> coef;
+
+  FM_HD acc_t logit(int64_t c) const { return robust_logit(static_cast<acc_t>(z[c]), c == y, r); }
+  FM_HD acc_t a(int64_t c) const {
+    return coef(p ? static_cast<acc_t>(p[c]) : acc_t(c == y ? 1 : 0), c);
+  }
+  FM_HD WeightedRowStats<acc_t> stats(int64_t C) const {
+    WeightedRowStats<acc_t> st = WeightedRowStats<acc_t>::empty();
+    for (int64_t c = 0; c < C; ++c) st.add(logit(c), a(c));
+    return st;
+  }
+  FM_HD acc_t asum(int64_t C) const {  // A = sum_c a_c without reading the logits
+    acc_t A = acc_t(0);
+    for (int64_t c = 0; c < C; ++c) A += a(c);
+    return A;
+  }
+};
+
 // d l(z~) / d r for the weight-robust row (z~_c = z_c + r off target, z_y - r on it) with
 // class weights: sum_c (A p~_c - a_c) s_c with s = +1 off target, -1 on it = 2 (a_y - A p~_y).
 template <typename acc_t>

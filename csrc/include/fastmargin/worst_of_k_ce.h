@@ -7,12 +7,14 @@
 // without a copy. Per-row statistics are float32 (float64 for float64 logits).
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace fastmargin {
@@ -111,6 +113,23 @@ inline bool check_worst_of_k_args(const at::Tensor& logits, const at::Tensor& ta
 inline std::pair<int64_t, int64_t> soft_target_strides(const at::Tensor& target) {
   return target.dim() == 2 ? std::make_pair(target.stride(0), int64_t(0))
                            : std::make_pair(target.stride(0), target.stride(1));
+}
+
+// The weighted path's dispatch: logits dtype, then the soft target's dtype (the logits' dtype
+// or float32); index targets instantiate target_t = scalar_t (unused).
+template <typename F>
+inline void dispatch_weighted(const at::Tensor& logits, const at::Tensor& target, F&& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_weighted", [&] {
+        if constexpr (std::is_same_v<scalar_t, at::Half> ||
+                      std::is_same_v<scalar_t, at::BFloat16>) {
+          if (is_soft_target(target) && target.scalar_type() == at::kFloat) {
+            body(scalar_t(0), float(0));
+            return;
+          }
+        }
+        body(scalar_t(0), scalar_t(0));
+      });
 }
 
 struct WorstOfKForward {
