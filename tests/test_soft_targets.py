@@ -324,3 +324,54 @@ def test_target_dtypes_are_converted_or_kept():
     for t in (p, p.float(), p.half()):
         got = fm.worst_of_k_cross_entropy(x, t, reduction="none")
         torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=2e-3)
+
+
+# --- GPU-only checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_repeatable_on_a_side_stream_and_in_a_cuda_graph():
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(64, 4, 1000, generator=gen).cuda().bfloat16()
+    p = make_probs((64, 4, 1000), torch.float32, "cuda", gen)
+    w = (torch.rand(1000, generator=gen) + 0.1).cuda()
+    args = (x, p, None, 0.3, 0.1, -100, w)
+    first = ops.worst_of_k_ce_fwd(*args)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        second = ops.worst_of_k_ce_fwd(*args)
+    stream.synchronize()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    _loss, lse, weight, _i, _dr = first
+    g = torch.rand(64, device="cuda")
+    grads = [ops.worst_of_k_ce_bwd(g, x, p, None, lse, weight, 0.1, -100, w) for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):  # warm up outside the capture
+        ops.worst_of_k_ce_fwd(*args)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = ops.worst_of_k_ce_fwd(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], first[0])
+
+
+@pytest.mark.cuda
+def test_cuda_more_than_2_31_logits_elements():
+    """int64 offsets: a bf16 (B, k, C) batch with B*k*C > 2^31, per-copy soft targets."""
+    B, k, C = 16385, 4, 32768  # 2^31 + 2^17 elements, 4.3 GB of logits
+    free, _total = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip("needs about 16 GiB of free GPU memory")
+    x = torch.randn(B, k, C, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    t = torch.rand(B, C, device="cuda", dtype=torch.bfloat16)  # shared rows, used as given
+    loss = fm.worst_of_k_cross_entropy(x, t, reduction="none", temperature=0.5)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    last = x[-2:].detach().float().requires_grad_(True)
+    ref = R.worst_of_k_cross_entropy(last, t[-2:].float(), reduction="none", temperature=0.5)
+    (ref_g,) = torch.autograd.grad(ref.sum(), last)
+    torch.testing.assert_close(loss[-2:].float(), ref, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(g[-2:].float(), ref_g, rtol=1.6e-2, atol=1e-2)

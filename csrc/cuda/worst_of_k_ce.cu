@@ -16,6 +16,22 @@
 //   backward: read B*C*s (tau = 0: only the selected rows) or N*C*s (tau > 0), write N*C*s
 //   forward+backward floor, tau = 0: (N + B + N)*C*s; the DESIGN.md "two-pass" model counts
 //   2*N*C*s (one read of the logits, one write of the gradient) plus the backward's re-read.
+//
+// Weighted path (class weights and/or probability targets, t = bytes per target element,
+// R = rows of target: B when the copies share a (B, C) target, N when there is one per copy):
+//   class weights alone add nothing to the model: the (C,) vector stays in L1/L2 (and an index
+//   target without smoothing reads only w_y).
+//   forward:  read N*C*s + R*C*t             (the target row is read in the same sweep as the
+//             logits, with the same vector width; a shared row is re-read by the k copies of
+//             its sample from cache, so it counts once)
+//   backward: as above, plus the target row of every row it computes (weight != 0: B rows for
+//             tau = 0, N for tau > 0; a shared row counts once per sample): B*C*t for tau = 0
+//             (either target layout), R*C*t for tau > 0. The row is swept twice, once for
+//             A = sum_c a_c (a pre-pass over the target and the weights only) and once in the
+//             gradient sweep; the model assumes the second sweep hits L2 (one row per group in
+//             flight; not yet measured) and does not count it.
+//   forward+backward floor, tau = 0: (N + B + N)*C*s + (R + B)*C*t, e.g. bf16 logits with a
+//   bf16 target shared by k = 4 copies: 9 + 2 = 11 units of B*C*2 bytes instead of 9.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>

@@ -23,7 +23,9 @@
 namespace fastmargin {
 
 // Coefficient of class c: a_c = w_c * ((1 - eps) * p_c + eps / C). With eps == 0 this is
-// exactly w_c * p_c (keep == 1, eps_over_c == 0).
+// exactly w_c * p_c (keep == 1, eps_over_c == 0). A class with no target mass (q == 0: every
+// class but y of an index target without smoothing) does not read its weight, so the kernels
+// touch the (C,) weight vector only where it matters.
 template <typename acc_t>
 struct ClassCoef {
   const acc_t* class_weight;  // (C,) or nullptr for all ones
@@ -32,7 +34,7 @@ struct ClassCoef {
 
   FM_HD acc_t operator()(acc_t p, int64_t c) const {
     const acc_t q = keep * p + eps_over_c;
-    return class_weight ? class_weight[c] * q : q;
+    return (class_weight && q != acc_t(0)) ? class_weight[c] * q : q;
   }
 };
 

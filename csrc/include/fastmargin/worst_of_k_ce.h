@@ -5,6 +5,12 @@
 // Layout: logits is (B, k, C) with the class dim contiguous and the other two strides
 // arbitrary, so both public copy layouts ((B, k, C) and a transposed (k, B, C)) arrive
 // without a copy. Per-row statistics are float32 (float64 for float64 logits).
+//
+// Targets: (B,) int64 class indices, or floating class probabilities (soft targets), either
+// (B, C) shared by the k copies or (B, k, C) one row per copy (class dim contiguous, other
+// strides arbitrary). Optional class_weight: (C,) in the statistics dtype. Either one selects
+// the weighted path (ce_weighted_math.h); index targets without class weights keep the
+// original kernels unchanged.
 #pragma once
 
 #include <ATen/Dispatch.h>
