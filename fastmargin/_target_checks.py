@@ -30,6 +30,11 @@ def check_probability_target(
     """
     v.check_same_device(target, logits, "target")
     B, k, C = x.shape
+    if target.dim() == 1:  # class indices of the wrong dtype, most likely
+        raise TypeError(
+            f"target: expected an integer dtype for (B,) class indices, got {target.dtype} "
+            f"(probability targets are floating of shape ({B}, {C}) or one row per copy)"
+        )
     per_copy_shape = (k, B, C) if dim in (0, -3) else (B, k, C)
     if target.dim() == 2 and tuple(target.shape) == (B, C):
         t = target

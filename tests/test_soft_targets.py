@@ -284,7 +284,7 @@ def _inputs():
         (lambda: torch.rand(4, 2, 6), ValueError, "target"),  # wrong k
         (lambda: torch.rand(3, 4, 6), ValueError, "(4, 3, 6)"),  # (k, B, C) with dim=1
         (lambda: torch.rand(4, 3, 6, 1), ValueError, "target"),  # 4-D
-        (lambda: torch.rand(4), ValueError, "integer dtype"),  # float class indices
+        (lambda: torch.rand(4), TypeError, "target: expected an integer"),  # float indices
         (lambda: torch.rand(4, 6, dtype=torch.complex64), TypeError, "target"),
         (lambda: torch.rand(4, 6, device="meta"), RuntimeError, "target"),
     ],
