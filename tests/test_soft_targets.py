@@ -13,6 +13,8 @@ from _weighted_ce_common import (
     make_logits,
     make_probs,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastmargin as fm
 from fastmargin import reference as R
@@ -201,6 +203,35 @@ def test_empty_batch():
     assert loss.shape == (0,)
     (g,) = torch.autograd.grad(loss.sum(), x)
     assert g.shape == x.shape
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 5),
+    k=st.integers(1, 4),
+    C=st.sampled_from([1, 2, 3, 8, 17, 4097]),
+    dim=st.sampled_from([0, 1]),
+    per_copy=st.booleans(),
+    step=st.integers(1, 2),
+    dtype=st.sampled_from(DTYPES),
+    weighted=st.booleans(),
+    temperature=st.sampled_from([0.0, 0.5]),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_shapes_strides_dtypes(
+    B, k, C, dim, per_copy, step, dtype, weighted, temperature, label_smoothing, seed
+):
+    """Random shapes, both layouts, sample-strided views of logits and targets, every dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    x = make_logits(B * step, k, C, dim, dtype, "cpu", gen).detach()
+    x = (x[::step] if dim == 1 else x[:, ::step]).requires_grad_(True)
+    tshape = ((k, B * step, C) if dim == 0 else (B * step, k, C)) if per_copy else (B * step, C)
+    t = make_probs(tshape, dtype, "cpu", gen)
+    t = t[:, ::step] if (per_copy and dim == 0) else t[::step]
+    w = torch.rand(C, generator=gen) + 0.1 if weighted else None
+    kwargs = dict(dim=dim, temperature=temperature, label_smoothing=label_smoothing)
+    check_against_reference(x, t.requires_grad_(True), kwargs, w)
 
 
 # --- gradcheck, opcheck, compile ---------------------------------------------------------------
