@@ -1,6 +1,7 @@
 # fastmargin developer commands. Each target does its own set-up on a fresh machine:
 # a virtual environment in .venv with torch, the test/demo/lint extras, and the extension.
 #
+#   make demo    build and run the demo (digits: CE vs MaxUp vs AMO vs robust objectives)
 #   make test    build (CPU + CUDA kernels where nvcc exists) and run the test suite
 #   make bench   build and print the benchmark table (fastmargin vs eager vs torch.compile)
 #   make lint    ruff (lint + format check) and clang-format on csrc/
@@ -12,6 +13,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 # nvcc lives here on the project machines; setup.py also finds it on PATH or via CUDA_HOME.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -43,6 +45,9 @@ test: $(BUILD_STAMP)
 
 test-cuda: $(BUILD_STAMP)
 	$(PY) -m pytest -q -m cuda $(PYTEST_ARGS)
+
+demo: $(BUILD_STAMP)
+	$(PY) -m fastmargin demo $(DEMO_ARGS)
 
 bench: $(BUILD_STAMP)
 	$(PY) -m fastmargin bench

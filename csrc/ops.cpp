@@ -19,6 +19,18 @@ TORCH_LIBRARY(fastmargin, m) {
       "worst_of_k_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? radius, "
       "Tensor lse, Tensor weight, float label_smoothing, int ignore_index, "
       "Tensor? class_weight=None) -> Tensor");
+
+  // --- multiclass margin (issue 3) ---
+  // Margins m = z_y - max_{c != y} z_c of (N, C) logits (C >= 2, class dim contiguous), in
+  // float32 (float64 for float64 logits), and the int64 runner-up class (ties to the lowest
+  // index). A target outside [0, C) gives a NaN margin and runner-up -1; no logit is read for it.
+  m.def("multiclass_margin_fwd(Tensor logits, Tensor target) -> (Tensor, Tensor)");
+  // Gradient of sum_n grad_margin[n] * m[n]: a contiguous (N, num_classes) tensor of `dtype`,
+  // +g at the target, -g at the runner-up, 0 elsewhere (NaN rows for invalid targets). Takes
+  // no logits, so the forward saves only O(N) integers.
+  m.def(
+      "multiclass_margin_bwd(Tensor grad_margin, Tensor target, Tensor runner_up, "
+      "SymInt num_classes, ScalarType dtype) -> Tensor");
 }
 
 // A Python module named _C so `import fastmargin._C` loads the library (and its registrations).

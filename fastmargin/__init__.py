@@ -7,17 +7,37 @@ fused CUDA kernels (and the same function on the CPU). See DESIGN.md for the mat
 
 from __future__ import annotations
 
-from . import reference
+from . import augment, reference
 from ._validation import set_validation, validation_enabled
 from .functional import worst_of_k_cross_entropy
+from .margin_op import multiclass_margin
+from .margins import margin_auc, margin_distribution, plot_margin_cdf, weight_norm_product
+from .maxup import MaxUp
 from .modules import WorstOfKCrossEntropy
+from .pruning import MarginPruner
+from .weight_robust import (
+    WeightRobustCrossEntropy,
+    weight_perturbation_radius,
+    weight_robust_cross_entropy,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MarginPruner",
+    "MaxUp",
+    "WeightRobustCrossEntropy",
+    "augment",
     "WorstOfKCrossEntropy",
+    "margin_auc",
+    "margin_distribution",
+    "multiclass_margin",
+    "plot_margin_cdf",
     "reference",
     "set_validation",
     "validation_enabled",
+    "weight_norm_product",
+    "weight_perturbation_radius",
+    "weight_robust_cross_entropy",
     "worst_of_k_cross_entropy",
 ]

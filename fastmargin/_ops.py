@@ -106,3 +106,85 @@ torch.library.register_autograd(
     _worst_of_k_ce_backward,
     setup_context=_worst_of_k_ce_setup_context,
 )
+
+
+# --- multiclass_margin ---------------------------------------------------------------------
+
+
+def stats_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """:func:`stats_dtype` for a dtype rather than a tensor."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastmargin::multiclass_margin_fwd")
+def _multiclass_margin_fwd_fake(logits, target):
+    N = logits.shape[0]
+    return (
+        logits.new_empty((N,), dtype=stats_dtype(logits)),
+        logits.new_empty((N,), dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("fastmargin::multiclass_margin_bwd")
+def _multiclass_margin_bwd_fake(grad_margin, target, runner_up, num_classes, dtype):
+    return grad_margin.new_empty((grad_margin.shape[0], num_classes), dtype=dtype)
+
+
+def _multiclass_margin_setup_context(ctx, inputs, output):
+    logits, target = inputs
+    _margin, runner_up = output
+    # Only O(N) integers are saved: the gradient is +g at y and -g at the runner-up.
+    ctx.save_for_backward(target, runner_up)
+    ctx.num_classes = logits.shape[1]
+    ctx.dtype = logits.dtype
+    ctx.mark_non_differentiable(runner_up)
+
+
+def _multiclass_margin_backward(ctx, grad_margin, _g_runner_up):
+    target, runner_up = ctx.saved_tensors
+    if grad_margin is None or not ctx.needs_input_grad[0]:
+        return None, None
+    grad_margin = grad_margin.to(stats_dtype_of(ctx.dtype)).contiguous()
+    grad_logits = ops.multiclass_margin_bwd(
+        grad_margin, target, runner_up, ctx.num_classes, ctx.dtype
+    )
+    return grad_logits, None
+
+
+torch.library.register_autograd(
+    "fastmargin::multiclass_margin_fwd",
+    _multiclass_margin_backward,
+    setup_context=_multiclass_margin_setup_context,
+)
+
+
+def _multiclass_margin_bwd_setup_context(ctx, inputs, output):
+    _grad_margin, target, runner_up, num_classes, _dtype = inputs
+    ctx.save_for_backward(target, runner_up)
+    ctx.num_classes = num_classes
+
+
+def _multiclass_margin_bwd_backward(ctx, grad_grad):
+    # The backward is linear in grad_margin (and piecewise constant in the logits):
+    # d<gg, grad>/d grad_margin[n] = gg[n, y] - gg[n, r], NaN where the target was invalid
+    # (the kernel's rule: only in-range classes take part).
+    target, runner_up = ctx.saved_tensors
+    C = ctx.num_classes
+    gg = grad_grad.to(stats_dtype_of(grad_grad.dtype))
+
+    def at(index):
+        valid = (index >= 0) & (index < C)
+        picked = gg.gather(1, index.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
+        return valid, torch.where(valid, picked, torch.zeros_like(picked))
+
+    y_valid, at_y = at(target)
+    _r_valid, at_r = at(runner_up)
+    out = torch.where(y_valid, at_y - at_r, torch.full_like(at_y, float("nan")))
+    return out, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastmargin::multiclass_margin_bwd",
+    _multiclass_margin_bwd_backward,
+    setup_context=_multiclass_margin_bwd_setup_context,
+)

@@ -73,25 +73,36 @@ def check_label_smoothing(label_smoothing: float) -> float:
 
 
 def check_class_target(
-    target: object, batch: int, num_classes: int, ignore_index: int, ref: torch.Tensor
+    target: object,
+    batch: int,
+    num_classes: int,
+    ignore_index: int | None,
+    ref: torch.Tensor,
 ) -> torch.Tensor:
-    """Checks a (B,) class-index target and returns it as int64 (a no-op when it already is)."""
+    """Checks a (B,) class-index target and returns it as int64 (a no-op when it already is).
+
+    ``ignore_index=None`` means the op has no ignore value: every target must be a class.
+    """
     target = check_tensor(target, "target")
     check_same_device(target, ref, "target")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target: expected an integer dtype (class indices), got {target.dtype}")
     if target.dim() != 1 or target.shape[0] != batch:
         raise ValueError(f"target: expected shape ({batch},), got {tuple(target.shape)}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if ignore_index is not None and (
+        not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
+    ):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     target = target.long()
     if validation_enabled() and target.numel() > 0:
-        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        bad = (target < 0) | (target >= num_classes)
+        if ignore_index is not None:
+            bad &= target != ignore_index
         if bool(bad.any()):
             first = int(target[bad][0])
+            allowed = "" if ignore_index is None else f" or target == ignore_index = {ignore_index}"
             raise IndexError(
                 f"target: value {first} is out of range for {num_classes} classes "
-                f"(expected 0 <= target < {num_classes} or target == ignore_index "
-                f"= {ignore_index})"
+                f"(expected 0 <= target < {num_classes}{allowed})"
             )
     return target

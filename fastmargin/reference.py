@@ -92,6 +92,75 @@ def worst_of_k_cross_entropy(
     return (loss, index) if return_index else loss
 
 
+def multiclass_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """m_n = z_{n,y_n} - max_{c != y_n} z_{n,c} for (N, C) logits (C >= 2), in the logits' dtype.
+
+    The runner-up is the lowest index attaining the max (a NaN logit off the target counts as the
+    max), so autograd gives +1 at y and -1 at that one class, as the fused op does.
+    """
+    N, C = logits.shape
+    is_target = F.one_hot(target, C).bool()
+    others = logits.detach().masked_fill(is_target, float("-inf"))
+    best = others.max(dim=1, keepdim=True).values
+    hit = (others == best) | others.isnan()
+    hit &= ~is_target
+    classes = torch.arange(C, device=logits.device).expand(N, C)
+    runner_up = torch.where(hit, classes, C).min(dim=1).values
+    z_y = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    z_r = logits.gather(1, runner_up.unsqueeze(1)).squeeze(1)
+    return z_y - z_r
+
+
+def weight_robust_logits(
+    logits: torch.Tensor, target: torch.Tensor, radius: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """z~ = z + r (1 - 2 onehot(y)): every off-target logit up by r, the target's down by r.
+
+    Rows whose target is ``ignore_index`` are returned shifted up everywhere (their loss is
+    ignored anyway). ``radius`` is a (N,) tensor.
+    """
+    C = logits.shape[1]
+    valid = target != ignore_index
+    onehot = F.one_hot(torch.where(valid, target, 0), C) * valid.unsqueeze(1)
+    sign = 1 - 2 * onehot.to(radius.dtype)
+    return logits + radius.unsqueeze(1) * sign
+
+
+def weight_robust_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    radius,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Worst-case CE over last-layer weight perturbations of radius r: F.cross_entropy(z~, y)."""
+    if not isinstance(radius, torch.Tensor):
+        radius = torch.full((logits.shape[0],), float(radius), device=logits.device)
+    z_tilde = weight_robust_logits(logits, target, radius.to(logits.dtype), ignore_index)
+    return F.cross_entropy(
+        z_tilde,
+        target,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+
+
+def weight_perturbation_radius(features: torch.Tensor, eps: float, p: float = 2.0) -> torch.Tensor:
+    """r_n = eps * ||h_n||_q with 1/p + 1/q = 1, written out per case (h flattened per row)."""
+    h = features.flatten(1).abs()
+    if p == 1:
+        norm = h.max(dim=1).values
+    elif p == math.inf:
+        norm = h.sum(dim=1)
+    else:
+        q = p / (p - 1)
+        norm = h.pow(q).sum(dim=1).pow(1 / q)
+    return eps * norm
+
+
 # --- soft targets and class weights ----------------------------------------------------------
 
 

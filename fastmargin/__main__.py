@@ -1,0 +1,71 @@
+"""Command line: ``python -m fastmargin {demo,bench,info}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _info(_args) -> int:
+    import torch
+
+    import fastmargin  # noqa: F401  (loads the kernels)
+
+    has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastmargin::worst_of_k_ce_fwd", "CUDA"
+    )
+    print(f"fastmargin {fastmargin.__version__}, torch {torch.__version__}")
+    print(f"CUDA kernels compiled: {has_cuda_kernels}; GPU visible: {torch.cuda.is_available()}")
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .benchmarks import cases, runner
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    selected = cases.default_cases(device, quick=args.quick)
+    if args.ops:
+        wanted = set(args.ops.split(","))
+        selected = [c for c in selected if c.op in wanted]
+    if device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    table = runner.run(selected, device, json_path=args.json, plot_path=args.plot, reps=args.reps)
+    print(table)
+    if device == "cpu":
+        print("\n(CPU timings: only the ratios between providers are meaningful.)")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastmargin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from .demo import add_demo_arguments, main_demo
+
+    p_demo = sub.add_parser(
+        "demo", help="train a small CNN on scikit-learn's digits with each objective"
+    )
+    add_demo_arguments(p_demo)
+    p_demo.set_defaults(func=main_demo)
+
+    p_info = sub.add_parser("info", help="build and device information")
+    p_info.set_defaults(func=_info)
+
+    p_bench = sub.add_parser("bench", help="fastmargin vs eager vs torch.compile, per op")
+    p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p_bench.add_argument("--ops", default=None, help="comma-separated op names to run")
+    p_bench.add_argument("--quick", action="store_true", help="a few small cases only")
+    p_bench.add_argument("--reps", type=int, default=10, help="timed repetitions per provider")
+    p_bench.add_argument("--json", default=None, help="write the results as JSON here")
+    p_bench.add_argument("--plot", default=None, help="draw a bar chart (PNG) here")
+    p_bench.set_defaults(func=_bench)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

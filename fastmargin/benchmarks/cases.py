@@ -1,0 +1,148 @@
+"""Benchmark cases: what each op computes, on which shapes, by which providers, and its
+byte model (the bytes the op must move at minimum: each input read once, each output written
+once). Both ``python -m fastmargin bench`` and ``bench/test_bench_*.py`` use these.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import fastmargin as fm
+from fastmargin import reference as ref
+
+Provider = Callable[[], object]
+
+
+@dataclass
+class Case:
+    """One benchmark case: ``setup(device)`` returns the providers, each a zero-argument
+    callable doing the full measured work (e.g. forward + backward) on the same inputs."""
+
+    op: str
+    shape: str
+    dtype: torch.dtype
+    bytes_moved: int  # the byte model of the measured work
+    byte_model: str  # how bytes_moved was counted, in words
+    setup: Callable[[str], Dict[str, Provider]] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}[{self.shape},{str(self.dtype).replace('torch.', '')}]"
+
+
+def _forward_backward(fn: Callable, inputs: Sequence, grad_output=None) -> Provider:
+    """A provider running ``fn(*inputs)`` and its backward into every input that requires grad
+    (with ``grad_output`` as the upstream gradient for non-scalar outputs)."""
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, wrt, grad_outputs=grad_output)
+
+    return run
+
+
+def _forward_only(fn: Callable, inputs: Sequence) -> Provider:
+    def run():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    return run
+
+
+def _liger_cross_entropy() -> Optional[Callable]:
+    try:  # optional peer: Liger-Kernel's fused cross entropy (GPU only)
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except Exception:
+        return None
+    return liger_cross_entropy
+
+
+def _compiled(fn: Callable) -> Callable:
+    # Dynamo caches compiled graphs on the function's code object, with a small per-code
+    # limit: reset it so every case gets a real compile for its own shapes instead of
+    # silently falling back to eager after the limit.
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def _providers(
+    ours: Callable, reference: Callable, inputs: Sequence, *, backward: bool, grad_output=None
+) -> Dict[str, Provider]:
+    """fastmargin, the eager reference and torch.compile(reference) on the same inputs."""
+    if backward:
+        make = functools.partial(_forward_backward, inputs=inputs, grad_output=grad_output)
+    else:
+        make = functools.partial(_forward_only, inputs=inputs)
+    return {
+        "fastmargin": make(ours),
+        "eager": make(reference),
+        "compile": make(_compiled(reference)),
+    }
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _random_logits(device: str, shape, dtype, classes: int, batch: int):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(*shape, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+    y = torch.randint(0, classes, (batch,), device=device, generator=gen)
+    return x, y
+
+
+def _wocce_fm(x, y):
+    return fm.worst_of_k_cross_entropy(x, y, dim=0)
+
+
+def _wocce_ref(x, y):
+    return ref.worst_of_k_cross_entropy(x, y, dim=0)
+
+
+def worst_of_k_case(rows: int, classes: int, k: int, dtype: torch.dtype) -> Case:
+    """Worst-of-k CE forward + backward on ``rows = B * k`` rows of ``classes`` logits in the
+    copy-major layout (k, B, C) (what ``torch.cat`` of k augmented batches gives)."""
+    B = rows // k
+
+    def setup(device: str) -> Dict[str, Provider]:
+        x, y = _random_logits(device, (k, B, classes), dtype, classes, B)
+        providers = _providers(_wocce_fm, _wocce_ref, (x, y), backward=True)
+        liger = _liger_cross_entropy()
+        if k == 1 and liger is not None and device == "cuda":
+            providers["liger"] = _forward_backward(
+                lambda z, t: liger(z.view(B, classes), t), (x, y)
+            )
+        return providers
+
+    return Case(
+        op="worst_of_k_ce",
+        shape=f"{rows}x{classes},k={k}",
+        dtype=dtype,
+        bytes_moved=2 * rows * classes * _element_size(dtype),
+        byte_model="read logits once + write their gradient once (2 passes)",
+        setup=setup,
+    )
+
+
+GPU_SHAPES = [(65536, 10), (65536, 100), (65536, 1000), (32768, 32000), (16384, 128256)]
+CPU_SHAPES = [(4096, 10), (2048, 1000), (256, 32000)]
+
+
+def default_cases(device: str, *, quick: bool = False) -> List[Case]:
+    """The benchmark matrix: every op on the device's shape list (small on the CPU)."""
+    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    dtypes = [torch.bfloat16, torch.float32]
+    ks = [1, 4, 8] if device == "cuda" and not quick else [4]
+    if quick:
+        shapes, dtypes = shapes[:2], [torch.float32]
+    cases: List[Case] = []
+    for rows, classes in shapes:
+        for k in ks:
+            for dtype in dtypes:
+                cases.append(worst_of_k_case(rows, classes, k, dtype))
+    return cases

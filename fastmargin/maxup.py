@@ -1,0 +1,364 @@
+"""MaxUp (Gong et al. 2020): train on the worst of k augmented copies of every sample."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Callable, Iterator, List, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validation as v
+from .augment import takes_target
+from .functional import worst_of_k_cross_entropy
+
+_MODES = ("joint", "select")
+
+
+def soft_worst_of_k(
+    logits: torch.Tensor, probs: torch.Tensor, temperature: float, label_smoothing: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample worst-of-k CE for per-copy probability targets (CutMix / MixUp copies).
+
+    logits and probs are (K, B, C) (copy-major); returns the (B,) worst (or smooth-max) losses
+    and the (B,) index of the worst copy, with the math of ``worst_of_k_cross_entropy``.
+
+    This is the plain-PyTorch path (it materialises the float32 (K, B) per-copy losses). It
+    switches to the fused kernel, ``worst_of_k_cross_entropy(logits, probs, dim=0, ...)``, once
+    that accepts probability targets (the soft-targets issue); keep the two in agreement.
+    """
+    K, B, C = logits.shape
+    ce = F.cross_entropy(
+        logits.reshape(K * B, C).float(),
+        probs.reshape(K * B, C).float(),
+        label_smoothing=label_smoothing,
+        reduction="none",
+    ).view(K, B)
+    worst, index = ce.max(dim=0)
+    if temperature > 0:
+        worst = temperature * (torch.logsumexp(ce / temperature, dim=0) - math.log(K))
+    return worst, index
+
+
+@contextlib.contextmanager
+def _selection_norm_mode(model: nn.Module, eval_running_stats: bool) -> Iterator[None]:
+    """Normalisation layers for the no-grad selection pass of ``mode="select"``.
+
+    ``eval_running_stats=False``: layers in training mode keep normalising with the batch
+    statistics (of all copies, as the joint forward would) but do not update their running
+    statistics, so one training step still moves them once. ``True``: they normalise with their
+    running statistics (evaluation mode). Everything is restored afterwards, even on error.
+    """
+    changed: List[Tuple[nn.Module, str, bool]] = []
+    try:
+        for m in model.modules():
+            if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.training:
+                continue
+            if not m.track_running_stats or m.running_mean is None:
+                continue  # always batch statistics, nothing to update
+            if eval_running_stats:
+                changed.append((m, "training", True))
+                m.training = False
+            else:
+                changed.append((m, "track_running_stats", True))
+                m.track_running_stats = False
+        yield
+    finally:
+        for m, attr, old in changed:
+            setattr(m, attr, old)
+
+
+class MaxUp(nn.Module):
+    r"""A MaxUp training step: the loss of each sample's worst augmented copy.
+
+    For a batch (x, y), draws k augmented copies :math:`x^{(j)} = \mathrm{aug}(x)` (plus the
+    clean x as one more candidate with ``include_clean=True``), and returns
+
+    .. math:: L = \frac1B \sum_b \max_j \ell\big(f(x^{(j)}_b), y^{(j)}_b\big)
+
+    (or the smooth max :math:`\tau\log\frac1K\sum_j e^{\ell_{bj}/\tau}` for ``temperature``
+    τ > 0), with ℓ the cross-entropy with label smoothing; the gradient flows through each
+    sample's worst copy only (τ = 0). Call it with (x, y) and ``.backward()`` the result::
+
+        step = fm.MaxUp(model, fm.augment.random_crop_flip(padding=4), k=4)
+        loss = step(x, y); loss.backward(); opt.step()
+
+    Modes:
+
+    * ``"joint"`` (the paper): one forward of the K·B copies as a single batch, laid out
+      copy-major (row j·B + b is copy j of sample b), so the (K·B, C) logits are viewed
+      (K, B, C) without a copy and reduced by ``worst_of_k_cross_entropy(..., dim=0)``.
+      BatchNorm normalises with statistics over all K·B copies and updates its running
+      statistics once. Activation memory grows with K.
+    * ``"select"`` (memory-efficient): forward the copies under ``torch.no_grad()``, pick
+      each sample's worst copy with the fused kernel (``return_index=True``), then forward only
+      those B copies with gradients. The parameter gradient equals training on the selected
+      copies directly. BatchNorm: the selection pass normalises with batch statistics over the
+      K·B copies (the same selection as joint mode) without touching the running statistics,
+      or, with ``eval_bn_for_selection=True``, with the running statistics (evaluation mode);
+      the training pass normalises over the B selected copies and updates the running
+      statistics once. Dropout draws independent masks in the two passes. Needs τ = 0.
+
+    Augmentations (see :mod:`fastmargin.augment`): ``augment(x) -> x_aug``, random per call;
+    one marked ``takes_target`` (CutMix, MixUp, :func:`fastmargin.augment.with_target`) is
+    called ``augment(x, y)`` and may return per-copy soft targets ``(x_aug, y_soft)`` with
+    y_soft (B, C) probabilities. Every call gets its own copy of x, so an augmentation that
+    writes into its input can neither make the copies identical nor change the caller's x.
+
+    Args:
+        model: maps a (N, ...) batch to (N, C) logits.
+        augment: the random augmentation (see above).
+        k: number of augmented copies (K = k, or k + 1 with ``include_clean``).
+        mode: ``"joint"`` or ``"select"``.
+        temperature: τ ≥ 0 (τ > 0 only in joint mode).
+        label_smoothing: ε in [0, 1], PyTorch's meaning.
+        include_clean: also consider the un-augmented x (candidate index 0; the augmented
+            copies are then 1..k).
+        eval_bn_for_selection: select mode only; use running statistics in the selection pass.
+        ignore_index: a target value whose sample is skipped, as in ``F.cross_entropy``.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        augment: Callable,
+        k: int = 4,
+        *,
+        mode: str = "joint",
+        temperature: float = 0.0,
+        label_smoothing: float = 0.0,
+        include_clean: bool = False,
+        eval_bn_for_selection: bool = False,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model: expected a callable (nn.Module), got {type(model).__name__}")
+        if not callable(augment):
+            raise TypeError(f"augment: expected a callable, got {type(augment).__name__}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k: expected an int >= 1, got {k!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+        self.temperature = v.check_nonnegative(temperature, "temperature")
+        if mode == "select" and self.temperature > 0:
+            raise ValueError(
+                "temperature: mode='select' trains on one copy per sample, so it needs "
+                "temperature=0 (the smooth max weights every copy: use mode='joint')"
+            )
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+        self.model = model
+        self.augment = augment
+        self.k = k
+        self.mode = mode
+        self.label_smoothing = v.check_label_smoothing(label_smoothing)
+        self.include_clean = bool(include_clean)
+        self.eval_bn_for_selection = bool(eval_bn_for_selection)
+        self.ignore_index = ignore_index
+        self._checked_randomness = False
+
+    @property
+    def num_candidates(self) -> int:
+        """K: the augmented copies plus the clean sample when ``include_clean``."""
+        return self.k + int(self.include_clean)
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, mode={self.mode!r}, temperature={self.temperature}, "
+            f"label_smoothing={self.label_smoothing}, include_clean={self.include_clean}, "
+            f"eval_bn_for_selection={self.eval_bn_for_selection}"
+        )
+
+    # -- copies -------------------------------------------------------------------------------
+
+    def make_copies(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> Tuple[torch.Tensor, List[torch.Tensor | None]]:
+        """The (K·B, ...) copy-major batch of candidates and each copy's returned target.
+
+        Each copy is written into one preallocated (K, B, ...) buffer as soon as it is made, so
+        an augmentation that reuses an output buffer cannot alias two copies either. A target
+        entry is None where the copy keeps y, else what the augmentation returned.
+        """
+        B = x.shape[0]
+        K = self.num_candidates
+        buf: torch.Tensor | None = None
+        targets: List[torch.Tensor | None] = []
+        if self.include_clean:
+            buf = torch.empty((K, *x.shape), dtype=x.dtype, device=x.device)
+            buf[0].copy_(x)
+            targets.append(None)
+        mixes = takes_target(self.augment)
+        for _ in range(self.k):
+            # A private copy per call: in-place augmentations must not touch x or other copies.
+            out = self.augment(x.clone(), y) if mixes else self.augment(x.clone())
+            xa, ta = self._unpack(out, y, B)
+            if buf is None:
+                buf = torch.empty((K, *xa.shape), dtype=xa.dtype, device=xa.device)
+            j = len(targets)
+            if xa.shape != buf.shape[1:] or xa.dtype != buf.dtype:
+                raise ValueError(
+                    f"augment: copy {j} is {xa.dtype} of shape {tuple(xa.shape)}, expected "
+                    f"{buf.dtype} of shape {tuple(buf.shape[1:])} like the "
+                    f"{'input' if self.include_clean else 'first copy'}"
+                )
+            buf[j].copy_(xa)
+            targets.append(ta)
+        assert buf is not None
+        self._check_randomness(buf)
+        return buf.view(K * B, *buf.shape[2:]), targets
+
+    def _check_randomness(self, buf: torch.Tensor) -> None:
+        """Warns once if the first two augmented copies are identical: a deterministic
+        augmentation makes MaxUp k times the work of plain training for nothing. Checked on
+        the first call only (one host synchronisation), never while compiling."""
+        if self._checked_randomness or self.k < 2 or torch.compiler.is_compiling():
+            return
+        self._checked_randomness = True
+        j = int(self.include_clean)
+        if torch.equal(buf[j], buf[j + 1]):
+            warnings.warn(
+                "augment: the first two augmented copies are identical; MaxUp needs an "
+                "augmentation that draws new randomness on every call",
+                RuntimeWarning,
+                stacklevel=6,  # the caller of MaxUp(...) (through nn.Module.__call__)
+            )
+
+    @staticmethod
+    def _unpack(out: object, y: torch.Tensor, B: int) -> Tuple[torch.Tensor, torch.Tensor | None]:
+        ta: torch.Tensor | None = None
+        if isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise TypeError(
+                    f"augment: expected x_aug or (x_aug, y_aug), got a sequence of {len(out)}"
+                )
+            out, ta = out
+            if not isinstance(ta, torch.Tensor):
+                raise TypeError(f"augment: returned targets of type {type(ta).__name__}")
+            if ta is y:
+                ta = None
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"augment: expected to return a tensor, got {type(out).__name__}")
+        if out.dim() == 0 or out.shape[0] != B:
+            raise ValueError(
+                f"augment: returned shape {tuple(out.shape)}, expected a batch of {B} first"
+            )
+        if ta is not None and ta.shape[0] != B:
+            raise ValueError(
+                f"augment: returned targets of shape {tuple(ta.shape)}, expected {B} rows"
+            )
+        return out, ta
+
+    def _soft_targets(
+        self, targets: List[torch.Tensor | None], y: torch.Tensor, C: int, like: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(K, B, C) float32 probability targets, or None when every copy keeps the labels y."""
+        if all(t is None for t in targets):
+            return None
+        rows = []
+        for j, t in enumerate(targets):
+            t = y if t is None else t
+            if t.dtype.is_floating_point:
+                if t.shape != (y.shape[0], C):
+                    raise ValueError(
+                        f"augment: soft targets of copy {j} have shape {tuple(t.shape)}, "
+                        f"expected ({y.shape[0]}, {C}) to match the logits"
+                    )
+                rows.append(t.to(device=like.device, dtype=torch.float32))
+            else:
+                if t.dim() != 1:
+                    raise ValueError(f"augment: labels of copy {j} have shape {tuple(t.shape)}")
+                if (t == self.ignore_index).any():
+                    raise ValueError("y: ignore_index cannot be combined with soft targets")
+                rows.append(F.one_hot(t.long(), C).to(like.device, torch.float32))
+        return torch.stack(rows)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def _logits(self, xs: torch.Tensor, K: int, B: int) -> torch.Tensor:
+        logits = self.model(xs)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != K * B:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise RuntimeError(
+                f"model: expected ({K * B}, C) logits for {K * B} inputs, got {shape}"
+            )
+        return logits.view(K, B, logits.shape[1])  # copy-major: row j*B + b is (j, b)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, *, return_index: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """The MaxUp loss of the batch (a scalar), and with ``return_index`` the (B,) index of
+        each sample's worst candidate (0..K-1; 0 is the clean sample with ``include_clean``)."""
+        v.check_tensor(x, "x")
+        v.check_tensor(y, "y")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"y: expected shape ({x.shape[0]},), got {tuple(y.shape)}")
+        if y.dtype.is_floating_point:
+            raise TypeError(
+                f"y: expected integer class indices, got {y.dtype} (per-copy soft targets "
+                "come from a label-mixing augmentation)"
+            )
+        B, K = x.shape[0], self.num_candidates
+        xs, targets = self.make_copies(x, y)
+        if self.mode == "joint":
+            loss, index = self._joint(xs, y, targets, K, B)
+        else:
+            loss, index = self._select(xs, y, targets, K, B)
+        return (loss, index) if return_index else loss
+
+    def _joint(self, xs, y, targets, K, B):
+        logits = self._logits(xs, K, B)
+        soft = self._soft_targets(targets, y, logits.shape[2], logits)
+        if soft is None:
+            return worst_of_k_cross_entropy(
+                logits,
+                y,
+                dim=0,
+                temperature=self.temperature,
+                label_smoothing=self.label_smoothing,
+                ignore_index=self.ignore_index,
+                return_index=True,
+            )
+        worst, index = soft_worst_of_k(logits, soft, self.temperature, self.label_smoothing)
+        return worst.mean().to(logits.dtype), index
+
+    def _select(self, xs, y, targets, K, B):
+        with torch.no_grad(), _selection_norm_mode(self.model, self.eval_bn_for_selection):
+            logits = self._logits(xs, K, B)
+            soft = self._soft_targets(targets, y, logits.shape[2], logits)
+            if soft is None:
+                _, index = worst_of_k_cross_entropy(
+                    logits,
+                    y,
+                    dim=0,
+                    label_smoothing=self.label_smoothing,
+                    ignore_index=self.ignore_index,
+                    reduction="none",
+                    return_index=True,
+                )
+            else:
+                _, index = soft_worst_of_k(logits, soft, 0.0, self.label_smoothing)
+            del logits
+        rows = torch.arange(B, device=index.device)
+        x_sel = xs.view(K, B, *xs.shape[1:])[index, rows]
+        logits = self.model(x_sel).unsqueeze(0)  # (1, B, C): k = 1 is F.cross_entropy
+        if soft is None:
+            loss = worst_of_k_cross_entropy(
+                logits,
+                y,
+                dim=0,
+                label_smoothing=self.label_smoothing,
+                ignore_index=self.ignore_index,
+            )
+        else:
+            worst, _ = soft_worst_of_k(
+                logits, soft[index, rows].unsqueeze(0), 0.0, self.label_smoothing
+            )
+            loss = worst.mean().to(logits.dtype)
+        return loss, index
