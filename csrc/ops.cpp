@@ -7,14 +7,18 @@ TORCH_LIBRARY(fastmargin, m) {
   // Worst-of-k cross-entropy over (B, k, C) logits (class dim contiguous), optionally on the
   // weight-robust rows z~ (radius (B,) >= 0). Returns (loss (B,), lse (B, k), weight (B, k),
   // index (B,) int64, dloss_dradius (B,) or (0,)).
+  // target: (B,) int64 class indices, or class probabilities (B, C) shared by the copies or
+  // (B, k, C) per copy (floating; no radius). class_weight: (C,) in the statistics dtype.
   m.def(
       "worst_of_k_ce_fwd(Tensor logits, Tensor target, Tensor? radius, float temperature, "
-      "float label_smoothing, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float label_smoothing, int ignore_index, Tensor? class_weight=None) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
   // Gradient of sum_b grad_loss[b] * loss[b] with respect to logits, in the logits' dtype,
   // laid out like empty_like(logits). Rows whose weight is 0 are written as zeros unread.
   m.def(
       "worst_of_k_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? radius, "
-      "Tensor lse, Tensor weight, float label_smoothing, int ignore_index) -> Tensor");
+      "Tensor lse, Tensor weight, float label_smoothing, int ignore_index, "
+      "Tensor? class_weight=None) -> Tensor");
 
   // --- multiclass margin (issue 3) ---
   // Margins m = z_y - max_{c != y} z_c of (N, C) logits (C >= 2, class dim contiguous), in

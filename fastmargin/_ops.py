@@ -29,7 +29,9 @@ def stats_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("fastmargin::worst_of_k_ce_fwd")
-def _worst_of_k_ce_fwd_fake(logits, target, radius, temperature, label_smoothing, ignore_index):
+def _worst_of_k_ce_fwd_fake(
+    logits, target, radius, temperature, label_smoothing, ignore_index, class_weight=None
+):
     B, k = logits.shape[0], logits.shape[1]
     f = stats_dtype(logits)
     return (
@@ -43,33 +45,60 @@ def _worst_of_k_ce_fwd_fake(logits, target, radius, temperature, label_smoothing
 
 @torch.library.register_fake("fastmargin::worst_of_k_ce_bwd")
 def _worst_of_k_ce_bwd_fake(
-    grad_loss, logits, target, radius, lse, weight, label_smoothing, ignore_index
+    grad_loss, logits, target, radius, lse, weight, label_smoothing, ignore_index, class_weight=None
 ):
     return torch.empty_like(logits)
 
 
 def _worst_of_k_ce_setup_context(ctx, inputs, output):
-    logits, target, radius, _temperature, label_smoothing, ignore_index = inputs
+    logits, target, radius, _temperature, label_smoothing, ignore_index, class_weight = inputs
     _loss, lse, weight, _index, dradius = output
-    ctx.save_for_backward(logits, target, radius, lse, weight, dradius)
+    ctx.save_for_backward(logits, target, radius, lse, weight, dradius, class_weight)
     ctx.label_smoothing = label_smoothing
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse, weight, dradius)
 
 
+def _soft_target_grad(grad_loss, logits, target, lse, weight, class_weight, label_smoothing):
+    """dL/dp for probability targets (not fused: one logits-sized temporary).
+
+    l_bj = sum_c w_c ((1 - eps) p_c + eps / C) (lse_bj - z_bjc), so
+    dL/dp_bjc = grad_b * weight_bj * (1 - eps) * w_c * (lse_bj - z_bjc), summed over the
+    copies j when the k copies share one (B, C) target row.
+    """
+    scale = (grad_loss[:, None] * weight) * (1.0 - label_smoothing)  # (B, k)
+    g = (lse[..., None] - logits.to(lse.dtype)) * scale[..., None]  # (B, k, C)
+    if class_weight is not None:
+        g = g * class_weight
+    g = g.sum(dim=1) if target.dim() == 2 else g
+    return g.to(target.dtype)
+
+
 def _worst_of_k_ce_backward(ctx, grad_loss, _g_lse, _g_weight, _g_index, _g_dradius):
-    logits, target, radius, lse, weight, dradius = ctx.saved_tensors
-    grad_logits = grad_radius = None
+    logits, target, radius, lse, weight, dradius, class_weight = ctx.saved_tensors
+    grad_logits = grad_target = grad_radius = None
     if grad_loss is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     grad_loss = grad_loss.to(lse.dtype).contiguous()
     if ctx.needs_input_grad[0]:
         grad_logits = ops.worst_of_k_ce_bwd(
-            grad_loss, logits, target, radius, lse, weight, ctx.label_smoothing, ctx.ignore_index
+            grad_loss,
+            logits,
+            target,
+            radius,
+            lse,
+            weight,
+            ctx.label_smoothing,
+            ctx.ignore_index,
+            class_weight,
+        )
+    if target.is_floating_point() and ctx.needs_input_grad[1]:
+        grad_target = _soft_target_grad(
+            grad_loss, logits, target, lse, weight, class_weight, ctx.label_smoothing
         )
     if radius is not None and ctx.needs_input_grad[2]:
         grad_radius = grad_loss * dradius
-    return grad_logits, None, grad_radius, None, None, None
+    return grad_logits, grad_target, grad_radius, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -20,16 +20,26 @@ def cross_entropy_per_copy(
     dim: int = 1,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, k) matrix of l_bj = CE(z_bj, y_b) for logits with copies along ``dim``.
 
     l = lse(z) - (1 - eps) z_y - (eps / C) sum_c z_c, and 0 where y == ignore_index.
+    With class weights w (``weight``) and/or a probability target p (floating ``target`` of
+    shape (B, C), or one row per copy in the logits' layout), F.cross_entropy's
+    l = sum_c w_c ((1 - eps) p_c + eps / C) (lse(z) - z_c), p = e_y for an index target.
     """
     x = logits.movedim(dim, 1)  # (B, k, C)
     B, k, C = x.shape
+    if target.is_floating_point():
+        t = target.movedim(dim, 1) if target.dim() == 3 else target[:, None, :].expand(B, k, C)
+        rows = t.reshape(B * k, C)
+    else:
+        rows = target.repeat_interleave(k)
     per_row = F.cross_entropy(
         x.reshape(B * k, C),
-        target.repeat_interleave(k),
+        rows,
+        weight=weight,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         reduction="none",
@@ -58,20 +68,27 @@ def worst_of_k_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_index: bool = False,
+    weight: torch.Tensor | None = None,
 ):
     """Worst-of-k cross-entropy.
 
     L_b = max_j l_bj (temperature 0; ties to the lowest j, gradient into that copy only), or
-    L_b = tau * log((1/k) sum_j exp(l_bj / tau)) for tau > 0; then F.cross_entropy's reduction.
+    L_b = tau * log((1/k) sum_j exp(l_bj / tau)) for tau > 0; then F.cross_entropy's reduction
+    (see :func:`reduce_cross_entropy` for class weights and probability targets).
     """
     ce = cross_entropy_per_copy(
-        logits, target, dim=dim, label_smoothing=label_smoothing, ignore_index=ignore_index
+        logits,
+        target,
+        dim=dim,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        weight=weight,
     )
     k = ce.shape[1]
     worst, index = ce.max(dim=1)
     if temperature > 0:
         worst = temperature * (torch.logsumexp(ce / temperature, dim=1) - math.log(k))
-    loss = reduce_loss(worst, target, ignore_index, reduction)
+    loss = reduce_cross_entropy(worst, target, ignore_index, reduction, weight)
     return (loss, index) if return_index else loss
 
 
@@ -157,3 +174,43 @@ def all_layer_perturb(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     norm = torch.linalg.vector_norm(ua.reshape(B, -1), dim=1)
     scale = norm.reshape((B,) + (1,) * (u.dim() - 1))
     return (ua + scale * delta.to(acc)).to(u.dtype)
+
+
+# --- soft targets and class weights ----------------------------------------------------------
+
+
+def reduce_cross_entropy(
+    per_sample: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """F.cross_entropy's reductions for every target kind.
+
+    * index targets, no ``weight``: :func:`reduce_loss` ('mean' over samples not ignored);
+    * index targets with class weights w: 'mean' divides by sum_b w_{y_b} over the samples not
+      ignored (for k = 1 exactly F.cross_entropy; for worst-of-k the same normaliser, the
+      weight of each sample's class, whichever copy is the worst);
+    * probability targets: 'mean' divides by the batch size B (ignore_index does not apply).
+    """
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    if target.is_floating_point():
+        return per_sample.sum() / per_sample.shape[0]
+    if weight is None:
+        return reduce_loss(per_sample, target, ignore_index, reduction)
+    return per_sample.sum() / selected_weight_sum(target, weight, ignore_index)
+
+
+def selected_weight_sum(
+    target: torch.Tensor, weight: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """sum_b w_{y_b} over samples whose target is a class (ignored and out-of-range targets
+    count 0; gathering with them would fault, and their loss is 0 or NaN anyway)."""
+    C = weight.shape[0]
+    valid = (target != ignore_index) & (target >= 0) & (target < C)
+    picked = weight[target.clamp(0, max(C - 1, 0))]
+    return torch.where(valid, picked, torch.zeros_like(picked)).sum()

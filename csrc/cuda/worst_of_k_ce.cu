@@ -16,6 +16,22 @@
 //   backward: read B*C*s (tau = 0: only the selected rows) or N*C*s (tau > 0), write N*C*s
 //   forward+backward floor, tau = 0: (N + B + N)*C*s; the DESIGN.md "two-pass" model counts
 //   2*N*C*s (one read of the logits, one write of the gradient) plus the backward's re-read.
+//
+// Weighted path (class weights and/or probability targets, t = bytes per target element,
+// R = rows of target: B when the copies share a (B, C) target, N when there is one per copy):
+//   class weights alone add nothing to the model: the (C,) vector stays in L1/L2 (and an index
+//   target without smoothing reads only w_y).
+//   forward:  read N*C*s + R*C*t             (the target row is read in the same sweep as the
+//             logits, with the same vector width; a shared row is re-read by the k copies of
+//             its sample from cache, so it counts once)
+//   backward: as above, plus the target row of every row it computes (weight != 0: B rows for
+//             tau = 0, N for tau > 0; a shared row counts once per sample): B*C*t for tau = 0
+//             (either target layout), R*C*t for tau > 0. The row is swept twice, once for
+//             A = sum_c a_c (a pre-pass over the target and the weights only) and once in the
+//             gradient sweep; the model assumes the second sweep hits L2 (one row per group in
+//             flight; not yet measured) and does not count it.
+//   forward+backward floor, tau = 0: (N + B + N)*C*s + (R + B)*C*t, e.g. bf16 logits with a
+//   bf16 target shared by k = 4 copies: 9 + 2 = 11 units of B*C*2 bytes instead of 9.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -27,6 +43,7 @@
 
 #include "fastmargin/ce_math.h"
 #include "fastmargin/cuda_utils.cuh"
+#include "fastmargin/cuda_weighted.cuh"
 #include "fastmargin/worst_of_k_ce.h"
 
 namespace fastmargin {
@@ -141,6 +158,18 @@ __global__ void __launch_bounds__(block_threads(GROUP))
   if (p.dradius) p.dradius[b] = dr;
 }
 
+// This thread's share of writing `value` into every element of a row.
+template <typename scalar_t, int VEC, int GROUP>
+__device__ __forceinline__ void fill_row(scalar_t* out, int64_t C, scalar_t value, int t) {
+  Vec<scalar_t, VEC> fill;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) fill.v[e] = value;
+  auto* vout = reinterpret_cast<Vec<scalar_t, VEC>*>(out);
+  const int64_t nvec = C / VEC;
+  for (int64_t i = t; i < nvec; i += GROUP) vout[i] = fill;
+  for (int64_t c = nvec * VEC + t; c < C; c += GROUP) out[c] = value;
+}
+
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 __global__ void __launch_bounds__(block_threads(GROUP))
     worst_of_k_ce_backward_kernel(BackwardParams<scalar_t, acc_t> p) {
@@ -155,11 +184,7 @@ __global__ void __launch_bounds__(block_threads(GROUP))
   const acc_t w = p.weight[row_id];
 
   if (w == acc_t(0)) {  // unselected copy or ignored sample: zeros, logits not read
-    Vec<scalar_t, VEC> zero;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) zero.v[e] = scalar_t(0);
-    for (int64_t i = t; i < nvec; i += GROUP) vout[i] = zero;
-    for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) out[c] = scalar_t(0);
+    fill_row<scalar_t, VEC, GROUP>(out, p.C, scalar_t(0), t);
     return;
   }
 
@@ -185,6 +210,193 @@ __global__ void __launch_bounds__(block_threads(GROUP))
     const bool is_y = c == y;
     out[c] = static_cast<scalar_t>(
         ce_grad(robust_logit(acc_t(row[c]), is_y, r), is_y, row_lse, p.eps, eps_over_c, scale));
+  }
+}
+
+// ---- Weighted path: class weights and/or probability (soft) targets --------------------
+// Same structure as the kernels above; the per-class coefficients a_c (ce_weighted_math.h)
+// are formed in registers from the class weights (a (C,) vector, cache-resident) and, for
+// soft targets, the target row, read with the same 16-byte vector loads in the same sweep.
+
+template <typename scalar_t, typename target_t, typename acc_t>
+struct WeightedParams {
+  const scalar_t* logits;
+  int64_t B, k, C, stride_b, stride_k;
+  const int64_t* index;  // index targets, or nullptr
+  const target_t* soft;  // probability targets (B, k, C) with copy stride 0 when shared
+  int64_t target_stride_b, target_stride_k;
+  const acc_t* radius;  // index targets only
+  ClassCoef<acc_t> coef;
+  int64_t ignore_index;
+  // forward
+  acc_t tau;
+  acc_t *loss, *lse, *weight, *dradius;
+  int64_t* index_out;
+  // backward
+  scalar_t* grad;
+  int64_t grad_stride_b, grad_stride_k;
+  const acc_t *grad_loss, *lse_in, *weight_in;
+  bool need_asum;  // A must be summed over the row (soft targets or label smoothing)
+
+  __device__ WeightedRow<scalar_t, target_t, acc_t> row(int64_t b, int64_t j, int64_t y,
+                                                        acc_t r) const {
+    const target_t* p = soft ? soft + b * target_stride_b + j * target_stride_k : nullptr;
+    return {logits + b * stride_b + j * stride_k, p, y, r, coef};
+  }
+};
+
+// Robust logits x and coefficients a of vector i (elements i*VEC .. i*VEC+VEC-1) of a row.
+template <int VEC, typename scalar_t, typename target_t, typename acc_t>
+__device__ __forceinline__ void load_weighted_vec(const WeightedRow<scalar_t, target_t, acc_t>& row,
+                                                  int64_t i, acc_t (&x)[VEC], acc_t (&a)[VEC]) {
+  const Vec<scalar_t, VEC> v = reinterpret_cast<const Vec<scalar_t, VEC>*>(row.z)[i];
+  acc_t p[VEC];
+  if (row.p) {
+    const Vec<target_t, VEC> tv = reinterpret_cast<const Vec<target_t, VEC>*>(row.p)[i];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) p[e] = static_cast<acc_t>(tv.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) p[e] = i * VEC + e == row.y ? acc_t(1) : acc_t(0);
+  }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    const int64_t c = i * VEC + e;
+    x[e] = robust_logit(static_cast<acc_t>(v.v[e]), c == row.y, row.r);
+    a[e] = row.coef(p[e], c);
+  }
+}
+
+template <typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
+__device__ __forceinline__ WeightedRowStats<acc_t> thread_weighted_stats(
+    const WeightedRow<scalar_t, target_t, acc_t>& row, int64_t C, int t) {
+  WeightedRowStats<acc_t> st = WeightedRowStats<acc_t>::empty();
+  const int64_t nvec = C / VEC;
+#pragma unroll 4
+  for (int64_t i = t; i < nvec; i += GROUP) {
+    acc_t x[VEC], a[VEC];
+    load_weighted_vec<VEC>(row, i, x, a);
+    st.add(x, a);
+  }
+  for (int64_t c = nvec * VEC + t; c < C; c += GROUP) st.add(row.logit(c), row.a(c));
+  return st;
+}
+
+template <typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
+__global__ void __launch_bounds__(block_threads(GROUP))
+    weighted_ce_forward_kernel(WeightedParams<scalar_t, target_t, acc_t> p) {
+  __shared__ WeightedRowStats<acc_t> smem[block_threads(GROUP) / kWarp];
+  constexpr int kGroups = block_threads(GROUP) / GROUP;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
+  const int t = threadIdx.x % GROUP;
+  if (b >= p.B) return;  // uniform per group; block-sized groups have kGroups == 1
+
+  acc_t* lse_b = p.lse + b * p.k;
+  acc_t* w_b = p.weight + b * p.k;
+  int64_t y = -1;
+  if (p.index) {
+    y = p.index[b];
+    const TargetKind kind = classify_target(y, p.ignore_index, p.C);
+    if (kind != TargetKind::kClass) {
+      // Ignored: contributes 0 with zero gradient. Invalid: NaN row, logits never read.
+      const acc_t fill = kind == TargetKind::kIgnored ? acc_t(0) : quiet_nan<acc_t>();
+      for (int64_t j = t; j < p.k; j += GROUP) lse_b[j] = w_b[j] = fill;
+      if (t == 0) {
+        p.loss[b] = fill;
+        p.index_out[b] = 0;
+        if (p.dradius) p.dradius[b] = fill;
+      }
+      return;
+    }
+  }
+  const acc_t r = p.radius ? p.radius[b] : acc_t(0);
+  CopyReducer<acc_t> red = CopyReducer<acc_t>::start();  // meaningful in the leader only
+  acc_t asum = acc_t(0);  // A of an index-target row: the same for every copy
+  for (int64_t j = 0; j < p.k; ++j) {
+    const WeightedRow<scalar_t, target_t, acc_t> row = p.row(b, j, y, r);
+    WeightedRowStats<acc_t> st =
+        thread_weighted_stats<scalar_t, target_t, acc_t, VEC, GROUP>(row, p.C, t);
+    st = group_merge_stats<GROUP>(st, smem);
+    if (t == 0) {
+      lse_b[j] = st.lse();
+      w_b[j] = st.loss();  // the per-copy loss waits here until all k copies are known
+      asum = st.asum;
+      red.add(j, w_b[j], p.tau);
+    }
+  }
+  if (t != 0) return;
+  p.loss[b] = red.loss(p.k, p.tau);
+  p.index_out[b] = red.best_index;
+  acc_t dr = acc_t(0);
+  for (int64_t j = 0; j < p.k; ++j) {
+    const acc_t w = red.weight(j, w_b[j], p.tau);
+    w_b[j] = w;
+    if (p.dradius && w != acc_t(0)) {
+      const acc_t zy = robust_logit(acc_t(p.logits[b * p.stride_b + j * p.stride_k + y]), true, r);
+      dr += w * weighted_dce_dradius(lse_b[j], zy, p.coef(acc_t(1), y), asum);
+    }
+  }
+  if (p.dradius) p.dradius[b] = dr;
+}
+
+template <typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
+__global__ void __launch_bounds__(block_threads(GROUP))
+    weighted_ce_backward_kernel(WeightedParams<scalar_t, target_t, acc_t> p) {
+  __shared__ SumStat<acc_t> smem[block_threads(GROUP) / kWarp];
+  constexpr int kGroups = block_threads(GROUP) / GROUP;
+  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
+  const int t = threadIdx.x % GROUP;
+  if (row_id >= p.B * p.k) return;
+  const int64_t b = row_id / p.k, j = row_id % p.k;
+  scalar_t* out = p.grad + b * p.grad_stride_b + j * p.grad_stride_k;
+  const acc_t w = p.weight_in[row_id];
+  if (w == acc_t(0)) {  // unselected copy or ignored sample: zeros, logits not read
+    fill_row<scalar_t, VEC, GROUP>(out, p.C, scalar_t(0), t);
+    return;
+  }
+  const int64_t y = p.index ? p.index[b] : -1;
+  if (p.index && (y < 0 || y >= p.C)) {  // invalid index target (weight is NaN): NaN row
+    fill_row<scalar_t, VEC, GROUP>(out, p.C, static_cast<scalar_t>(quiet_nan<acc_t>()), t);
+    return;
+  }
+  const WeightedRow<scalar_t, target_t, acc_t> row =
+      p.row(b, j, y, p.radius ? p.radius[b] : acc_t(0));
+  const int64_t nvec = p.C / VEC;
+  // A = sum_c a_c: a pre-pass over the target row and class weights only (the row is then
+  // re-read from L2); with an index target and no smoothing A is a_y.
+  acc_t asum;
+  if (p.need_asum) {
+    SumStat<acc_t> part{acc_t(0)};
+    for (int64_t i = t; i < nvec; i += GROUP) {
+      if (row.p) {
+        const Vec<target_t, VEC> tv = reinterpret_cast<const Vec<target_t, VEC>*>(row.p)[i];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) part.v += row.coef(static_cast<acc_t>(tv.v[e]), i * VEC + e);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) part.v += row.a(i * VEC + e);
+      }
+    }
+    for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) part.v += row.a(c);
+    asum = group_merge_stats<GROUP>(part, smem).v;
+  } else {
+    asum = row.coef(acc_t(1), y);
+  }
+  const acc_t scale = w * p.grad_loss[b], row_lse = p.lse_in[row_id];
+  auto* vout = reinterpret_cast<Vec<scalar_t, VEC>*>(out);
+#pragma unroll 4
+  for (int64_t i = t; i < nvec; i += GROUP) {
+    acc_t x[VEC], a[VEC];
+    load_weighted_vec<VEC>(row, i, x, a);
+    Vec<scalar_t, VEC> g;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      g.v[e] = static_cast<scalar_t>(weighted_ce_grad(x[e], a[e], row_lse, asum, scale));
+    }
+    vout[i] = g;
+  }
+  for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) {
+    out[c] = static_cast<scalar_t>(weighted_ce_grad(row.logit(c), row.a(c), row_lse, asum, scale));
   }
 }
 
@@ -229,15 +441,96 @@ struct BackwardLauncher {
   }
 };
 
+// Launchers of the weighted kernels for one soft-target dtype, in launch_configured's shape.
+template <typename target_t>
+struct WeightedLaunch {
+  template <typename scalar_t, typename acc_t, int VEC, int GROUP>
+  struct Forward {
+    static void run(const WeightedParams<scalar_t, target_t, acc_t>& p) {
+      weighted_ce_forward_kernel<scalar_t, target_t, acc_t, VEC, GROUP>
+          <<<grid_for(p.B, GROUP), block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  };
+  template <typename scalar_t, typename acc_t, int VEC, int GROUP>
+  struct Backward {
+    static void run(const WeightedParams<scalar_t, target_t, acc_t>& p) {
+      weighted_ce_backward_kernel<scalar_t, target_t, acc_t, VEC, GROUP>
+          <<<grid_for(p.B * p.k, GROUP), block_threads(GROUP), 0,
+             c10::cuda::getCurrentCUDAStream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  };
+};
+
+// Parameters shared by the weighted forward and backward (inputs and target side).
+template <typename scalar_t, typename target_t>
+WeightedParams<scalar_t, target_t, at::opmath_type<scalar_t>> weighted_params(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& radius,
+    const at::Tensor& class_weight, double label_smoothing, int64_t ignore_index) {
+  using acc_t = at::opmath_type<scalar_t>;
+  WeightedParams<scalar_t, target_t, acc_t> p{};
+  p.logits = logits.const_data_ptr<scalar_t>();
+  p.B = logits.size(0);
+  p.k = logits.size(1);
+  p.C = logits.size(2);
+  p.stride_b = logits.stride(0);
+  p.stride_k = logits.stride(1);
+  if (is_soft_target(target)) {
+    p.soft = target.const_data_ptr<target_t>();
+    const auto st = soft_target_strides(target);
+    p.target_stride_b = st.first;
+    p.target_stride_k = st.second;
+  } else {
+    p.index = target.const_data_ptr<int64_t>();
+  }
+  p.radius = radius.defined() ? radius.const_data_ptr<acc_t>() : nullptr;
+  const acc_t eps = static_cast<acc_t>(label_smoothing);
+  p.coef = {class_weight.defined() ? class_weight.const_data_ptr<acc_t>() : nullptr, acc_t(1) - eps,
+            eps / acc_t(p.C)};
+  p.ignore_index = ignore_index;
+  p.need_asum = p.soft != nullptr || label_smoothing != 0.0;
+  return p;
+}
+
+// 16-byte vectors need every logits row and (soft targets) every target row aligned.
+template <typename scalar_t, typename target_t, typename acc_t>
+bool weighted_aligned(const WeightedParams<scalar_t, target_t, acc_t>& p) {
+  constexpr int kVec = max_vec<scalar_t>();
+  return aligned_for(p.logits, p.stride_b, p.stride_k, kVec, sizeof(scalar_t)) &&
+         (!p.soft ||
+          aligned_for(p.soft, p.target_stride_b, p.target_stride_k, kVec, sizeof(target_t)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& radius,
-    double temperature, double label_smoothing, int64_t ignore_index) {
-  check_worst_of_k_inputs(logits, target, radius);
+    double temperature, double label_smoothing, int64_t ignore_index,
+    const c10::optional<at::Tensor>& class_weight) {
+  const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight);
   c10::cuda::CUDAGuard guard(logits.device());
   WorstOfKForward out = WorstOfKForward::allocate(logits, radius.has_value());
   if (logits.size(0) == 0) return out.as_tuple();
-  const at::Tensor tgt = target.contiguous();
+  const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
   const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
+  if (weighted) {
+    const at::Tensor cw = class_weight.has_value() ? class_weight->contiguous() : at::Tensor();
+    dispatch_weighted(logits, tgt, [&](auto s, auto t) {
+      using scalar_t = decltype(s);
+      using target_t = decltype(t);
+      using acc_t = at::opmath_type<scalar_t>;
+      auto p =
+          weighted_params<scalar_t, target_t>(logits, tgt, rad, cw, label_smoothing, ignore_index);
+      p.tau = static_cast<acc_t>(temperature);
+      p.loss = out.loss.mutable_data_ptr<acc_t>();
+      p.lse = out.lse.mutable_data_ptr<acc_t>();
+      p.weight = out.weight.mutable_data_ptr<acc_t>();
+      p.dradius = rad.defined() ? out.dradius.mutable_data_ptr<acc_t>() : nullptr;
+      p.index_out = out.index.mutable_data_ptr<int64_t>();
+      launch_configured<scalar_t, WeightedLaunch<target_t>::template Forward>(weighted_aligned(p),
+                                                                              p.C, p);
+    });
+    return out.as_tuple();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_fwd_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -268,14 +561,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
 at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
                                   const at::Tensor& target, const c10::optional<at::Tensor>& radius,
                                   const at::Tensor& lse, const at::Tensor& weight,
-                                  double label_smoothing, int64_t ignore_index) {
-  check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight);
-  (void)ignore_index;  // ignored samples arrive with weight 0
+                                  double label_smoothing, int64_t ignore_index,
+                                  const c10::optional<at::Tensor>& class_weight) {
+  const bool weighted =
+      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty_like(logits);
   if (grad.numel() == 0) return grad;
-  const at::Tensor g = grad_loss.contiguous(), tgt = target.contiguous();
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
   const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
+  if (weighted) {
+    const at::Tensor cw = class_weight.has_value() ? class_weight->contiguous() : at::Tensor();
+    dispatch_weighted(logits, tgt, [&](auto s, auto t) {
+      using scalar_t = decltype(s);
+      using target_t = decltype(t);
+      using acc_t = at::opmath_type<scalar_t>;
+      auto p =
+          weighted_params<scalar_t, target_t>(logits, tgt, rad, cw, label_smoothing, ignore_index);
+      p.grad = grad.mutable_data_ptr<scalar_t>();
+      p.grad_stride_b = grad.stride(0);
+      p.grad_stride_k = grad.stride(1);
+      p.grad_loss = g.const_data_ptr<acc_t>();
+      p.lse_in = lse.const_data_ptr<acc_t>();
+      p.weight_in = weight.const_data_ptr<acc_t>();
+      const bool aligned =
+          weighted_aligned(p) && aligned_for(p.grad, p.grad_stride_b, p.grad_stride_k,
+                                             max_vec<scalar_t>(), sizeof(scalar_t));
+      launch_configured<scalar_t, WeightedLaunch<target_t>::template Backward>(aligned, p.C, p);
+    });
+    return grad;
+  }
+  (void)ignore_index;  // ignored samples arrive with weight 0
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_bwd_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;

@@ -5,14 +5,23 @@
 // Layout: logits is (B, k, C) with the class dim contiguous and the other two strides
 // arbitrary, so both public copy layouts ((B, k, C) and a transposed (k, B, C)) arrive
 // without a copy. Per-row statistics are float32 (float64 for float64 logits).
+//
+// Targets: (B,) int64 class indices, or floating class probabilities (soft targets), either
+// (B, C) shared by the k copies or (B, k, C) one row per copy (class dim contiguous, other
+// strides arbitrary). Optional class_weight: (C,) in the statistics dtype. Either one selects
+// the weighted path (ce_weighted_math.h); index targets without class weights keep the
+// original kernels unchanged.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace fastmargin {
 
@@ -20,14 +29,18 @@ inline at::ScalarType stats_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_worst_of_k_inputs(const at::Tensor& logits, const at::Tensor& target,
-                                    const c10::optional<at::Tensor>& radius) {
+inline void check_worst_of_k_logits(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 3, "logits: expected a 3-D (B, k, C) tensor, got ", logits.dim(),
               "-D");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits: expected a floating dtype, got ",
               logits.scalar_type());
   TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1,
               "logits: the class dim must be contiguous (stride 1)");
+}
+
+inline void check_worst_of_k_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                    const c10::optional<at::Tensor>& radius) {
+  check_worst_of_k_logits(logits);
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target: expected shape (",
               logits.size(0), ",), got ", target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "target: expected int64, got ",
@@ -43,6 +56,86 @@ inline void check_worst_of_k_inputs(const at::Tensor& logits, const at::Tensor& 
     TORCH_CHECK(r.device() == logits.device(), "radius: expected device ", logits.device(),
                 ", got ", r.device());
   }
+}
+
+// A floating target holds class probabilities (soft targets); an integer one class indices.
+inline bool is_soft_target(const at::Tensor& target) {
+  return at::isFloatingType(target.scalar_type());
+}
+
+// Probability targets: (B, C) shared by the k copies or (B, k, C) one row per copy, class dim
+// contiguous, other strides arbitrary; dtype the logits' dtype, or float32 for half/bfloat16
+// logits (float32 mixing ratios need not be rounded to the logits' precision).
+inline void check_soft_target(const at::Tensor& logits, const at::Tensor& target,
+                              const c10::optional<at::Tensor>& radius) {
+  check_worst_of_k_logits(logits);
+  const int64_t B = logits.size(0), k = logits.size(1), C = logits.size(2);
+  const bool shared = target.dim() == 2 && target.size(0) == B && target.size(1) == C;
+  const bool per_copy =
+      target.dim() == 3 && target.size(0) == B && target.size(1) == k && target.size(2) == C;
+  TORCH_CHECK(shared || per_copy, "target: expected probabilities of shape (", B, ", ", C, ") or (",
+              B, ", ", k, ", ", C, "), got ", target.sizes());
+  const auto dt = target.scalar_type(), lt = logits.scalar_type();
+  const bool low = lt == at::kHalf || lt == at::kBFloat16;
+  TORCH_CHECK(dt == lt || (low && dt == at::kFloat),
+              "target: probability targets must have the logits' dtype ", lt,
+              low ? " or float32" : "", ", got ", dt);
+  TORCH_CHECK(target.size(-1) <= 1 || target.stride(-1) == 1,
+              "target: the class dim must be contiguous (stride 1)");
+  TORCH_CHECK(target.device() == logits.device(), "target: expected device ", logits.device(),
+              ", got ", target.device());
+  TORCH_CHECK(!radius.has_value(),
+              "radius: the weight-robust radius is not supported with probability targets");
+}
+
+// Class weights: (C,) contiguous in the statistics dtype (float32, float64 for float64 logits).
+inline void check_class_weight(const at::Tensor& logits,
+                               const c10::optional<at::Tensor>& class_weight) {
+  if (!class_weight.has_value()) return;
+  const at::Tensor& w = *class_weight;
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == logits.size(2), "class_weight: expected shape (",
+              logits.size(2), ",), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == stats_dtype(logits), "class_weight: expected dtype ",
+              stats_dtype(logits), ", got ", w.scalar_type());
+  TORCH_CHECK(w.device() == logits.device(), "class_weight: expected device ", logits.device(),
+              ", got ", w.device());
+}
+
+// All forward arguments; true when the weighted (class weight or soft target) path runs.
+inline bool check_worst_of_k_args(const at::Tensor& logits, const at::Tensor& target,
+                                  const c10::optional<at::Tensor>& radius,
+                                  const c10::optional<at::Tensor>& class_weight) {
+  if (is_soft_target(target)) {
+    check_soft_target(logits, target, radius);
+  } else {
+    check_worst_of_k_inputs(logits, target, radius);
+  }
+  check_class_weight(logits, class_weight);
+  return class_weight.has_value() || is_soft_target(target);
+}
+
+// (stride over samples, stride over copies) of a soft target seen as (B, k, C): a shared
+// (B, C) row has copy stride 0.
+inline std::pair<int64_t, int64_t> soft_target_strides(const at::Tensor& target) {
+  return target.dim() == 2 ? std::make_pair(target.stride(0), int64_t(0))
+                           : std::make_pair(target.stride(0), target.stride(1));
+}
+
+// The weighted path's dispatch: logits dtype, then the soft target's dtype (the logits' dtype
+// or float32); index targets instantiate target_t = scalar_t (unused).
+template <typename F>
+inline void dispatch_weighted(const at::Tensor& logits, const at::Tensor& target, F&& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_weighted", [&] {
+        if constexpr (std::is_same_v<scalar_t, at::Half> ||
+                      std::is_same_v<scalar_t, at::BFloat16>) {
+          if (is_soft_target(target) && target.scalar_type() == at::kFloat) {
+            body(scalar_t(0), float(0));
+            return;
+          }
+        }
+        body(scalar_t(0), scalar_t(0));
+      });
 }
 
 struct WorstOfKForward {
@@ -64,11 +157,12 @@ struct WorstOfKForward {
   }
 };
 
-inline void check_worst_of_k_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+inline bool check_worst_of_k_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                                       const at::Tensor& target,
                                       const c10::optional<at::Tensor>& radius,
-                                      const at::Tensor& lse, const at::Tensor& weight) {
-  check_worst_of_k_inputs(logits, target, radius);
+                                      const at::Tensor& lse, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& class_weight) {
+  const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight);
   const int64_t B = logits.size(0), k = logits.size(1);
   const auto f = stats_dtype(logits);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && grad_loss.scalar_type() == f,
@@ -79,6 +173,7 @@ inline void check_worst_of_k_backward(const at::Tensor& grad_loss, const at::Ten
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == B && weight.size(1) == k &&
                   weight.scalar_type() == f && weight.is_contiguous(),
               "weight: expected contiguous (", B, ", ", k, ") of dtype ", f);
+  return weighted;
 }
 
 }  // namespace fastmargin
