@@ -11,13 +11,16 @@ from . import reference
 from ._validation import set_validation, validation_enabled
 from .functional import worst_of_k_cross_entropy
 from .modules import WorstOfKCrossEntropy
+from .weight_noise import WeightNoiseWorstOfKCrossEntropy, weight_noise_worst_of_k_cross_entropy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "WeightNoiseWorstOfKCrossEntropy",
     "WorstOfKCrossEntropy",
     "reference",
     "set_validation",
     "validation_enabled",
+    "weight_noise_worst_of_k_cross_entropy",
     "worst_of_k_cross_entropy",
 ]
