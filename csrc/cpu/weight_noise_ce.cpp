@@ -149,8 +149,8 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const 
           const acc_t wg = w_n[j] * g;
           for (int64_t e = 0; e < len; ++e) {
             const bool is_y = c0 + e == y;
-            const acc_t term = ce_grad(acc_t(row[c0 + e]) + s * acc_t(xi[e]), is_y, lse_n[j], eps,
-                                       eps_over_c, wg);
+            const acc_t term =
+                ce_grad(acc_t(row[c0 + e]) + s * acc_t(xi[e]), is_y, lse_n[j], eps, eps_over_c, wg);
             acc[e] += term;
             ds += term * acc_t(xi[e]);
           }

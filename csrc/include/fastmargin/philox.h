@@ -6,7 +6,8 @@
 // Noise layout (a pure function of its coordinates, nothing is stored between calls):
 //   xi(seed, offset, row n, copy j, class c) = normal number (c mod 4) of the Philox block
 //     key     = (lo32(seed), hi32(seed))
-//     counter = (lo32(w), hi32(w), lo32(n), hi32(n)),  w = offset + (j << 32) + floor(c / 4)  (mod 2^64)
+//     counter = (lo32(w), hi32(w), lo32(n), hi32(n)),  w = offset + (j << 32) + floor(c / 4)  (mod
+//     2^64)
 // so one Philox call gives the 4 normals of classes 4g .. 4g+3 of one (row, copy), the noise of
 // copy j does not depend on k, N or C (a larger call extends a smaller one), and the backward
 // regenerates exactly the forward's xi from (seed, offset).
@@ -57,7 +58,7 @@ FM_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
 // |n| <= sqrt(48 ln 2) ~ 5.77: the tails beyond 5.77 sigma (probability ~ 1e-8) are cut.
 FM_HD void box_muller(uint32_t a, uint32_t b, float& n0, float& n1) {
   const float u1 = (static_cast<float>(a >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
-  const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-08f;          // 2^-24
+  const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-08f;           // 2^-24
   const float radius = std::sqrt(-2.0f * std::log(u1));
   const float theta = 6.28318530717958647692f * u2;
   n0 = radius * std::cos(theta);
@@ -70,10 +71,10 @@ struct NoiseKey {
 
   FM_HD void block(uint64_t row, uint64_t copy, uint64_t group, float (&out)[4]) const {
     const uint64_t w = offset + (copy << 32) + group;
-    const Philox4 r = philox4x32_10(
-        {{static_cast<uint32_t>(w), static_cast<uint32_t>(w >> 32), static_cast<uint32_t>(row),
-          static_cast<uint32_t>(row >> 32)}},
-        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    const Philox4 r =
+        philox4x32_10({{static_cast<uint32_t>(w), static_cast<uint32_t>(w >> 32),
+                        static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32)}},
+                      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
     box_muller(r.v[0], r.v[1], out[0], out[1]);
     box_muller(r.v[2], r.v[3], out[2], out[3]);
   }

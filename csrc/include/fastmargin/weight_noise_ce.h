@@ -31,8 +31,7 @@ inline void check_philox_state(const at::Tensor& philox, const at::Device& devic
 inline void check_weight_noise_inputs(const at::Tensor& logits, const at::Tensor& target,
                                       const at::Tensor& scale, const at::Tensor& philox,
                                       int64_t k) {
-  TORCH_CHECK(logits.dim() == 2, "logits: expected a 2-D (N, C) tensor, got ", logits.dim(),
-              "-D");
+  TORCH_CHECK(logits.dim() == 2, "logits: expected a 2-D (N, C) tensor, got ", logits.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits: expected a floating dtype, got ",
               logits.scalar_type());
   TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1,
