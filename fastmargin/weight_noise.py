@@ -28,7 +28,7 @@ from ._ops import ops, stats_dtype
 from .reference import reduce_loss
 
 _INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
+_STATE_HIGH = 2**62
 MAX_COPIES = 2**20  # the noise layout addresses copies 0 .. 2^20 - 1 (philox.h)
 
 __all__ = [
@@ -66,8 +66,10 @@ def draw_philox_state(
                 f"generator: expected a generator for device type {device.type!r} (that of "
                 f"logits), got one for {generator.device}"
             )
+    # 62 random bits each (not the full int64 range, whose width 2^64 - 1 overflows int64 range
+    # arithmetic in some randint lowerings, e.g. under torch.compile).
     return torch.randint(
-        _INT64_MIN, _INT64_MAX, (2,), dtype=torch.int64, device=device, generator=generator
+        0, _STATE_HIGH, (2,), dtype=torch.int64, device=device, generator=generator
     )
 
 

@@ -57,8 +57,8 @@ def box_muller(a: int, b: int) -> tuple[float, float]:
     u1 = (f(a >> 9) + f(0.5)) * f(2.0**-23)
     u2 = f(b >> 8) * f(2.0**-24)
     radius = np.sqrt(f(-2.0) * np.log(u1))
-    theta = f(2.0 * math.pi) * u2
-    return float(radius * np.cos(theta)), float(radius * np.sin(theta))
+    angle = 2.0 * math.pi * float(u2)  # the exact angle (philox.h: sincos_2pi), rounded once
+    return float(radius * f(math.cos(angle))), float(radius * f(math.sin(angle)))
 
 
 def expected_normal(seed: int, offset: int, row: int, copy: int, cls: int) -> float:

@@ -134,8 +134,12 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
   return v;
 }
 
+// minBlocks = 1 lets ptxas use ~100 registers for the 8 copies' statistics and the Philox state:
+// without it, ptxas sm_90 capped the float kernels at 64-80 registers and spilled (checked with
+// -Xptxas -v); with it there are no spills and no stack frame. Occupancy vs spills is a
+// tuning knob for the benchmark.
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
+__global__ void __launch_bounds__(block_threads(GROUP), 1)
     weight_noise_ce_forward_kernel(ForwardParams<scalar_t, acc_t> p) {
   constexpr int TILE = tile_of(VEC);
   __shared__ RowStats<acc_t> smem[block_threads(GROUP) / kWarp];
@@ -193,8 +197,9 @@ __global__ void __launch_bounds__(block_threads(GROUP))
         if (jj < nk) {
           float b[4];
           key.block(n, j0 + jj, g, b);
-          for (int e = 0; e < 4 && 4 * g + e < p.C; ++e) {
-            st[jj].add(acc_t(row[4 * g + e]) + s * acc_t(b[e]), want_sum);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (4 * g + e < p.C) st[jj].add(acc_t(row[4 * g + e]) + s * acc_t(b[e]), want_sum);
           }
         }
       }
@@ -205,7 +210,10 @@ __global__ void __launch_bounds__(block_threads(GROUP))
       if (jj < nk) st[jj] = group_merge<GROUP>(st[jj], smem);
     }
     if (t == 0) {
-      for (int jj = 0; jj < nk; ++jj) {
+      // Unrolled with a guard (not `jj < nk`) so st[] stays in registers.
+#pragma unroll
+      for (int jj = 0; jj < kCopyChunk; ++jj) {
+        if (jj >= nk) break;
         const int64_t j = j0 + jj;
         const acc_t row_lse = st[jj].lse();
         const acc_t zy = acc_t(row[y]) + s * acc_t(key.at(n, j, y));
@@ -290,15 +298,20 @@ __global__ void __launch_bounds__(block_threads(GROUP))
       float b[4];
       key.block(n, j, gi, b);
       const acc_t wg = w * g, row_lse = lse_n[j];
-      for (int e = 0; e < 4 && 4 * gi + e < p.C; ++e) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
         const int64_t c = 4 * gi + e;
+        if (c >= p.C) break;
         const acc_t term =
             ce_grad(acc_t(row[c]) + s * acc_t(b[e]), c == y, row_lse, p.eps, eps_over_c, wg);
         acc[e] += term;
         ds += term * acc_t(b[e]);
       }
     }
-    for (int e = 0; e < 4 && 4 * gi + e < p.C; ++e) out[4 * gi + e] = static_cast<scalar_t>(acc[e]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (4 * gi + e < p.C) out[4 * gi + e] = static_cast<scalar_t>(acc[e]);
+    }
   }
   ds = group_sum<GROUP>(ds, smem);
   if (t == 0) p.grad_scale[n] = ds;
@@ -313,7 +326,10 @@ __global__ void weight_noise_normal_kernel(const int64_t* philox, float* out, in
     const int64_t r = idx / groups, g = idx % groups;
     float b[4];
     key.block(r / k, r % k, g, b);
-    for (int e = 0; e < 4 && 4 * g + e < C; ++e) out[r * C + 4 * g + e] = b[e];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (4 * g + e < C) out[r * C + 4 * g + e] = b[e];
+    }
   }
 }
 

@@ -1,7 +1,7 @@
 // Counter-based Philox4x32-10 (Salmon, Moraes, Dror, Shaw, SC'11; the Random123 constants) and
 // the Gaussian noise of the weight-noise loss, as host + device code (FM_HD): the CPU and CUDA
 // kernels include this one header, so both produce the same integers for the same counter and
-// the same normals up to the rounding of logf / cosf / sinf (sqrtf is correctly rounded on both).
+// the same normals up to the last-ulp rounding of logf and sin/cos (sqrtf is correctly rounded).
 //
 // Noise layout (a pure function of its coordinates, nothing is stored between calls):
 //   xi(seed, offset, row n, copy j, class c) = normal number (c mod 4) of the Philox block
@@ -51,18 +51,33 @@ FM_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
+// (sin 2 pi u, cos 2 pi u) for u in [0, 1), accurate for the exact u (no rounded angle): CUDA's
+// sincospif (1 ulp, and no slow range-reduction path, so no stack frame in the kernels); on the
+// host in double, rounded once to float. Both are within 1 ulp of the true value.
+FM_HD void sincos_2pi(float u, float& s, float& c) {
+#if defined(__CUDA_ARCH__)
+  sincospif(2.0f * u, &s, &c);  // 2u is exact
+#else
+  const double angle = 6.283185307179586476925 * static_cast<double>(u);
+  s = static_cast<float>(std::sin(angle));
+  c = static_cast<float>(std::cos(angle));
+#endif
+}
+
 // Box-Muller in float32 with every rounding step explicit, so host and device agree:
 //   u1 = (floor(a / 2^9) + 1/2) * 2^-23  in [2^-24, 1 - 2^-24]  (exact; never 0, so log is finite)
 //   u2 =  floor(b / 2^8)        * 2^-24  in [0, 1)              (exact)
-//   n0 = sqrt(-2 log u1) cos(2 pi u2),  n1 = sqrt(-2 log u1) sin(2 pi u2).
+//   radius = sqrtf(-2 logf(u1))  (float32; logf within 1 ulp on both, sqrtf correctly rounded)
+//   n0 = radius * cos(2 pi u2),  n1 = radius * sin(2 pi u2)  (sincos_2pi, then one float product)
 // |n| <= sqrt(48 ln 2) ~ 5.77: the tails beyond 5.77 sigma (probability ~ 1e-8) are cut.
 FM_HD void box_muller(uint32_t a, uint32_t b, float& n0, float& n1) {
   const float u1 = (static_cast<float>(a >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
   const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-08f;           // 2^-24
   const float radius = std::sqrt(-2.0f * std::log(u1));
-  const float theta = 6.28318530717958647692f * u2;
-  n0 = radius * std::cos(theta);
-  n1 = radius * std::sin(theta);
+  float s, c;
+  sincos_2pi(u2, s, c);
+  n0 = radius * c;
+  n1 = radius * s;
 }
 
 // The 4 normals of classes 4g .. 4g+3 of (row, copy) for the draw (seed, offset).
@@ -83,7 +98,8 @@ struct NoiseKey {
   FM_HD float at(uint64_t row, uint64_t copy, uint64_t c) const {
     float out[4];
     block(row, copy, c >> 2, out);
-    return out[c & 3];
+    const int e = static_cast<int>(c & 3);  // a select chain keeps out[] in registers
+    return e == 0 ? out[0] : e == 1 ? out[1] : e == 2 ? out[2] : out[3];
   }
 };
 
