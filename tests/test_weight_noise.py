@@ -510,8 +510,9 @@ def test_validation_off_skips_value_checks_but_stays_safe():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("tau", [0.0, 0.5])
-def test_cuda_matches_cpu_for_the_same_state(dtype, tau):
-    logits, target, scale = make_inputs(9, 1031, dtype, "cpu", ignore=True)
+@pytest.mark.parametrize("C", [1031, 4099])  # a warp per row; a block per row with a tail
+def test_cuda_matches_cpu_for_the_same_state(dtype, tau, C):
+    logits, target, scale = make_inputs(9, C, dtype, "cpu", ignore=True)
     scale = scale.double() if dtype == torch.float64 else scale
     args = (6, tau, 0.1, -100)
     cpu = ops.weight_noise_ce_fwd(logits, target, scale, wn.philox_state(8, 9), *args)
@@ -553,12 +554,14 @@ def test_cuda_non_default_stream_and_repeat_is_bitwise_identical():
     logits, target, scale = make_inputs(33, 4099, torch.bfloat16, "cuda")
     philox = wn.philox_state(3, 4, "cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default one
     with torch.cuda.stream(stream):
         a = ops.weight_noise_ce_fwd(logits, target, scale, philox, 4, 0.0, 0.0, -100)
         b = ops.weight_noise_ce_fwd(logits, target, scale, philox, 4, 0.0, 0.0, -100)
     stream.synchronize()
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    c = ops.weight_noise_ce_fwd(logits, target, scale, philox, 4, 0.0, 0.0, -100)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
 
 
 @pytest.mark.cuda
