@@ -42,6 +42,23 @@ TORCH_LIBRARY(fastmargin, m) {
   m.def(
       "all_layer_perturb_bwd(Tensor grad, Tensor u, Tensor delta, Tensor norm, bool need_grad_u, "
       "bool need_grad_delta) -> (Tensor, Tensor)");
+
+  // --- weight_noise_ce (issue 7): worst-of-k over k random last-layer weight perturbations ---
+  // Copy j of row n is z_n + scale_n * xi_nj, xi_nj ~ N(0, I_C) drawn in-kernel by Philox
+  // (csrc/include/fastmargin/philox.h) from philox = int64 [seed, offset] (2,) on the logits'
+  // device. Forward returns (loss (N,), lse (N, k), weight (N, k) = dL/dl_nj, index (N,) int64).
+  m.def(
+      "weight_noise_ce_fwd(Tensor logits, Tensor target, Tensor scale, Tensor philox, int k, "
+      "float temperature, float label_smoothing, int ignore_index) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
+  // Gradients of sum_n grad_loss[n] * loss[n]: (grad_logits like empty_like(logits), grad_scale
+  // (N,)). The noise is regenerated from philox, never stored.
+  m.def(
+      "weight_noise_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor scale, "
+      "Tensor philox, Tensor lse, Tensor weight, float label_smoothing, int ignore_index) -> "
+      "(Tensor, Tensor)");
+  // The exact noise xi (n, k, c) float32 the two ops above use for this philox state (testing).
+  m.def("weight_noise_normal(Tensor philox, int n, int k, int c) -> Tensor");
 }
 
 // A Python module named _C so `import fastmargin._C` loads the library (and its registrations).

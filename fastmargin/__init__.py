@@ -18,6 +18,7 @@ from .modules import WorstOfKCrossEntropy
 from .perturb import all_layer_perturb
 from .pruning import MarginPruner
 from .stability import NoiseStability, noise_stability
+from .weight_noise import WeightNoiseWorstOfKCrossEntropy, weight_noise_worst_of_k_cross_entropy
 from .weight_robust import (
     WeightRobustCrossEntropy,
     weight_perturbation_radius,
@@ -31,6 +32,7 @@ __all__ = [
     "MarginPruner",
     "MaxUp",
     "NoiseStability",
+    "WeightNoiseWorstOfKCrossEntropy",
     "WeightRobustCrossEntropy",
     "WorstOfKCrossEntropy",
     "all_layer_perturb",
@@ -43,6 +45,7 @@ __all__ = [
     "reference",
     "set_validation",
     "validation_enabled",
+    "weight_noise_worst_of_k_cross_entropy",
     "weight_norm_product",
     "weight_perturbation_radius",
     "weight_robust_cross_entropy",

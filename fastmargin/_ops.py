@@ -255,3 +255,71 @@ torch.library.register_autograd(
     _all_layer_perturb_backward,
     setup_context=_all_layer_perturb_setup_context,
 )
+
+
+# --- weight_noise_ce -----------------------------------------------------------------------
+
+
+@torch.library.register_fake("fastmargin::weight_noise_ce_fwd")
+def _weight_noise_ce_fwd_fake(
+    logits, target, scale, philox, k, temperature, label_smoothing, ignore_index
+):
+    N = logits.shape[0]
+    f = stats_dtype(logits)
+    return (
+        logits.new_empty((N,), dtype=f),
+        logits.new_empty((N, k), dtype=f),
+        logits.new_empty((N, k), dtype=f),
+        logits.new_empty((N,), dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("fastmargin::weight_noise_ce_bwd")
+def _weight_noise_ce_bwd_fake(
+    grad_loss, logits, target, scale, philox, lse, weight, label_smoothing, ignore_index
+):
+    return torch.empty_like(logits), scale.new_empty((logits.shape[0],))
+
+
+@torch.library.register_fake("fastmargin::weight_noise_normal")
+def _weight_noise_normal_fake(philox, n, k, c):
+    return philox.new_empty((n, k, c), dtype=torch.float32)
+
+
+def _weight_noise_ce_setup_context(ctx, inputs, output):
+    logits, target, scale, philox, _k, _temperature, label_smoothing, ignore_index = inputs
+    _loss, lse, weight, _index = output
+    # The noise is not saved: the backward regenerates it from the (2,) philox state.
+    ctx.save_for_backward(logits, target, scale, philox, lse, weight)
+    ctx.label_smoothing = label_smoothing
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(lse, weight)
+
+
+def _weight_noise_ce_backward(ctx, grad_loss, _g_lse, _g_weight, _g_index):
+    none = (None,) * 8
+    if grad_loss is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+        return none
+    logits, target, scale, philox, lse, weight = ctx.saved_tensors
+    grad_loss = grad_loss.to(lse.dtype).contiguous()
+    # One pass gives both gradients (the scale's is a by-product of the logits' pass).
+    grad_logits, grad_scale = ops.weight_noise_ce_bwd(
+        grad_loss, logits, target, scale, philox, lse, weight, ctx.label_smoothing, ctx.ignore_index
+    )
+    return (
+        grad_logits if ctx.needs_input_grad[0] else None,
+        None,
+        grad_scale if ctx.needs_input_grad[2] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "fastmargin::weight_noise_ce_fwd",
+    _weight_noise_ce_backward,
+    setup_context=_weight_noise_ce_setup_context,
+)

@@ -214,3 +214,42 @@ def selected_weight_sum(
     valid = (target != ignore_index) & (target >= 0) & (target < C)
     picked = weight[target.clamp(0, max(C - 1, 0))]
     return torch.where(valid, picked, torch.zeros_like(picked)).sum()
+
+
+def weight_noise_worst_of_k_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    scale,
+    noise: torch.Tensor = None,
+    *,
+    k: int = 4,
+    temperature: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    return_index: bool = False,
+    generator: torch.Generator = None,
+):
+    """Worst-of-k CE over the k noisy copies z_n + s_n * xi_nj, materialised as (N, k, C).
+
+    ``noise`` is xi (N, k, C) (e.g. ``fastmargin.weight_noise.noise_from_state`` for the exact
+    noise the kernels draw); without it, xi = torch.randn in the logits' dtype (the eager
+    baseline: randn + add + worst-of-k CE). ``scale`` is a float or an (N,) tensor.
+    """
+    N, C = logits.shape
+    if noise is None:
+        noise = torch.randn(
+            (N, k, C), dtype=logits.dtype, device=logits.device, generator=generator
+        )
+    s = torch.as_tensor(scale, device=logits.device).to(logits.dtype).expand(N)
+    noisy = logits.unsqueeze(1) + s.view(N, 1, 1) * noise.to(logits.dtype)
+    return worst_of_k_cross_entropy(
+        noisy,
+        target,
+        dim=1,
+        temperature=temperature,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        return_index=return_index,
+    )

@@ -1,0 +1,213 @@
+// CPU kernels of the weight-noise worst-of-k cross-entropy (at::parallel_for over rows) and of
+// the noise itself. Same math and the same Philox noise as csrc/cuda/weight_noise_ce.cu (see its
+// header for the design and the byte model).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "fastmargin/ce_math.h"
+#include "fastmargin/philox.h"
+#include "fastmargin/weight_noise_ce.h"
+
+namespace fastmargin {
+namespace {
+
+NoiseKey read_key(const at::Tensor& philox) {
+  const int64_t* p = philox.const_data_ptr<int64_t>();
+  return {static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1])};
+}
+
+// Statistics of the noisy copy z + s xi_j of one row, 4 classes (one Philox block) at a time.
+template <typename scalar_t, typename acc_t>
+RowStats<acc_t> noisy_row_stats(const scalar_t* row, int64_t C, acc_t s, const NoiseKey& key,
+                                int64_t n, int64_t j, bool want_sum) {
+  RowStats<acc_t> st = RowStats<acc_t>::empty();
+  float xi[4];
+  int64_t c0 = 0;
+  for (; c0 + 4 <= C; c0 += 4) {
+    key.block(n, j, c0 >> 2, xi);
+    acc_t x[4];
+    for (int e = 0; e < 4; ++e) x[e] = acc_t(row[c0 + e]) + s * acc_t(xi[e]);
+    st.add(x, want_sum);
+  }
+  if (c0 < C) {
+    key.block(n, j, c0 >> 2, xi);
+    for (int64_t c = c0; c < C; ++c) st.add(acc_t(row[c]) + s * acc_t(xi[c - c0]), want_sum);
+  }
+  return st;
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& logits, const int64_t* tgt, const at::Tensor& scale,
+                  const NoiseKey& key, int64_t k, double temperature, double label_smoothing,
+                  int64_t ignore_index, WeightNoiseForward& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = logits.size(0), C = logits.size(1), sn = logits.stride(0);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  const acc_t* sc = scale.const_data_ptr<acc_t>();
+  acc_t* loss = out.loss.mutable_data_ptr<acc_t>();
+  acc_t* lse = out.lse.mutable_data_ptr<acc_t>();
+  acc_t* weight = out.weight.mutable_data_ptr<acc_t>();
+  int64_t* index = out.index.mutable_data_ptr<int64_t>();
+  const acc_t tau = static_cast<acc_t>(temperature);
+  const acc_t eps = static_cast<acc_t>(label_smoothing);
+  const bool want_sum = eps != acc_t(0);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k * C));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t y = tgt[n];
+      const TargetKind kind = classify_target(y, ignore_index, C);
+      acc_t* lse_n = lse + n * k;
+      acc_t* w_n = weight + n * k;
+      index[n] = 0;
+      if (kind != TargetKind::kClass) {
+        // Ignored: contributes 0 with zero gradient. Invalid: NaN row, never read.
+        const acc_t fill = kind == TargetKind::kIgnored ? acc_t(0) : quiet_nan<acc_t>();
+        loss[n] = fill;
+        std::fill(lse_n, lse_n + k, fill);
+        std::fill(w_n, w_n + k, fill);
+        continue;
+      }
+      const scalar_t* row = base + n * sn;
+      const acc_t s = sc[n];
+      CopyReducer<acc_t> red = CopyReducer<acc_t>::start();
+      for (int64_t j = 0; j < k; ++j) {
+        const RowStats<acc_t> st = noisy_row_stats(row, C, s, key, n, j, want_sum);
+        lse_n[j] = st.lse();
+        const acc_t zy = acc_t(row[y]) + s * acc_t(key.at(n, j, y));
+        // The per-copy loss waits in the weight buffer until all k copies are known.
+        w_n[j] = ce_from_stats(lse_n[j], zy, st.sumz, eps, C);
+        red.add(j, w_n[j], tau);
+      }
+      loss[n] = red.loss(k, tau);
+      index[n] = red.best_index;
+      for (int64_t j = 0; j < k; ++j) w_n[j] = red.weight(j, w_n[j], tau);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_noise_ce_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& scale,
+    const at::Tensor& philox, int64_t k, double temperature, double label_smoothing,
+    int64_t ignore_index) {
+  check_weight_noise_inputs(logits, target, scale, philox, k);
+  WeightNoiseForward out = WeightNoiseForward::allocate(logits, k);
+  const at::Tensor tgt = target.contiguous(), sc = scale.contiguous();
+  const NoiseKey key = read_key(philox.contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "weight_noise_ce_fwd_cpu", [&] {
+        forward_impl<scalar_t>(logits, tgt.const_data_ptr<int64_t>(), sc, key, k, temperature,
+                               label_smoothing, ignore_index, out);
+      });
+  return out.as_tuple();
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const int64_t* tgt,
+                   const at::Tensor& scale, const NoiseKey& key, const at::Tensor& lse,
+                   const at::Tensor& weight, double label_smoothing, at::Tensor& grad,
+                   at::Tensor& grad_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = logits.size(0), C = logits.size(1), k = lse.size(1);
+  const int64_t sn = logits.stride(0), gn = grad.stride(0);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  scalar_t* gbase = grad.mutable_data_ptr<scalar_t>();
+  const acc_t* sc = scale.const_data_ptr<acc_t>();
+  const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
+  const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+  const acc_t* w_p = weight.const_data_ptr<acc_t>();
+  acc_t* gs = grad_scale.mutable_data_ptr<acc_t>();
+  const acc_t eps = static_cast<acc_t>(label_smoothing);
+  const acc_t eps_over_c = C > 0 ? eps / acc_t(C) : acc_t(0);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      scalar_t* out = gbase + n * gn;
+      const scalar_t* row = base + n * sn;
+      const acc_t* w_n = w_p + n * k;
+      const acc_t* lse_n = lse_p + n * k;
+      const int64_t y = tgt[n];  // may be invalid (weights NaN): then c == y never holds
+      const acc_t s = sc[n], g = gl[n];
+      acc_t ds = acc_t(0);
+      float xi[4];
+      // One group of 4 classes at a time, summing the copies with non-zero weight (tau = 0:
+      // only the worst one) before rounding to the logits dtype.
+      for (int64_t c0 = 0; c0 < C; c0 += 4) {
+        const int64_t len = std::min<int64_t>(4, C - c0);
+        acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+        for (int64_t j = 0; j < k; ++j) {
+          if (w_n[j] == acc_t(0)) continue;  // unselected copy or ignored sample
+          key.block(n, j, c0 >> 2, xi);
+          const acc_t wg = w_n[j] * g;
+          for (int64_t e = 0; e < len; ++e) {
+            const bool is_y = c0 + e == y;
+            const acc_t term =
+                ce_grad(acc_t(row[c0 + e]) + s * acc_t(xi[e]), is_y, lse_n[j], eps, eps_over_c, wg);
+            acc[e] += term;
+            ds += term * acc_t(xi[e]);
+          }
+        }
+        for (int64_t e = 0; e < len; ++e) out[c0 + e] = static_cast<scalar_t>(acc[e]);
+      }
+      gs[n] = ds;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_noise_ce_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+    const at::Tensor& scale, const at::Tensor& philox, const at::Tensor& lse,
+    const at::Tensor& weight, double label_smoothing, int64_t ignore_index) {
+  check_weight_noise_backward(grad_loss, logits, target, scale, philox, lse, weight);
+  (void)ignore_index;  // ignored samples arrive with weight 0
+  at::Tensor grad = at::empty_like(logits);
+  at::Tensor grad_scale = at::empty({logits.size(0)}, scale.options());
+  const at::Tensor g = grad_loss.contiguous(), tgt = target.contiguous(), sc = scale.contiguous();
+  const NoiseKey key = read_key(philox.contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "weight_noise_ce_bwd_cpu", [&] {
+        backward_impl<scalar_t>(g, logits, tgt.const_data_ptr<int64_t>(), sc, key, lse, weight,
+                                label_smoothing, grad, grad_scale);
+      });
+  return {grad, grad_scale};
+}
+
+at::Tensor weight_noise_normal_cpu(const at::Tensor& philox, int64_t n, int64_t k, int64_t c) {
+  check_philox_state(philox, philox.device());
+  check_noise_shape(n, k, c);
+  at::Tensor out = at::empty({n, k, c}, philox.options().dtype(at::kFloat));
+  const NoiseKey key = read_key(philox.contiguous());
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, n * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, c)),
+                   [&](int64_t begin, int64_t end) {
+                     float xi[4];
+                     for (int64_t r = begin; r < end; ++r) {
+                       float* row = o + r * c;
+                       for (int64_t c0 = 0; c0 < c; c0 += 4) {
+                         key.block(r / k, r % k, c0 >> 2, xi);
+                         for (int64_t e = 0; e < std::min<int64_t>(4, c - c0); ++e) {
+                           row[c0 + e] = xi[e];
+                         }
+                       }
+                     }
+                   });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmargin, CPU, m) {
+  m.impl("weight_noise_ce_fwd", &weight_noise_ce_fwd_cpu);
+  m.impl("weight_noise_ce_bwd", &weight_noise_ce_bwd_cpu);
+  m.impl("weight_noise_normal", &weight_noise_normal_cpu);
+}
+
+}  // namespace fastmargin
