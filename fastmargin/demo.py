@@ -131,32 +131,20 @@ def _weight_noise_maxup(model: DigitsCNN, cfg: DemoConfig) -> Step:
     return step
 
 
-# name -> (builder, the fastmargin attributes it needs, one-line description)
+# name -> (builder, one-line description)
 _ALL_OBJECTIVES = {
-    "ce": (_ce, (), "plain cross-entropy"),
-    "maxup-joint": (_maxup("joint"), ("MaxUp",), "MaxUp, k copies in one batch"),
-    "maxup-select": (_maxup("select"), ("MaxUp",), "MaxUp, select then train worst copy"),
-    "amo": (_amo, ("AllLayerMargin",), "all-layer margin optimisation"),
-    "weight-robust": (
-        _weight_robust,
-        ("weight_robust_cross_entropy", "weight_perturbation_radius"),
-        "exact worst case over last-layer weight balls",
-    ),
-    "weight-noise-maxup": (
-        _weight_noise_maxup,
-        ("weight_noise_worst_of_k_cross_entropy", "weight_perturbation_radius"),
-        "worst of k last-layer weight-noise draws",
-    ),
+    "ce": (_ce, "plain cross-entropy"),
+    "maxup-joint": (_maxup("joint"), "MaxUp, k copies in one batch"),
+    "maxup-select": (_maxup("select"), "MaxUp, select then train worst copy"),
+    "amo": (_amo, "all-layer margin optimisation"),
+    "weight-robust": (_weight_robust, "exact worst case over last-layer weight balls"),
+    "weight-noise-maxup": (_weight_noise_maxup, "worst of k last-layer weight-noise draws"),
 }
 
 
 def available_objectives() -> Dict[str, Callable[[DigitsCNN, DemoConfig], Step]]:
-    """The registry: every objective whose fastmargin features exist in this build."""
-    return {
-        name: build
-        for name, (build, needs, _) in _ALL_OBJECTIVES.items()
-        if all(hasattr(fm, a) for a in needs)
-    }
+    """The registry: objective name -> builder of its training step."""
+    return {name: build for name, (build, _) in _ALL_OBJECTIVES.items()}
 
 
 OBJECTIVES = available_objectives()
@@ -228,24 +216,6 @@ def train(
     return seconds / max(cfg.epochs, 1)
 
 
-def margins_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Multiclass margins z_y − max_{c≠y} z_c (the fused op when this build has it)."""
-    if hasattr(fm, "multiclass_margin"):
-        return fm.multiclass_margin(logits, y)
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return z_y - others.max(dim=1).values
-
-
-def margin_auc(margins: torch.Tensor, lo: float, hi: float) -> float:
-    """Area under the margins' empirical CDF on [lo, hi] over (hi − lo), in [0, 1]:
-    mean(hi − clamp(m, lo, hi)) / (hi − lo) (``fm.margin_auc`` when this build has it)."""
-    if hasattr(fm, "margin_auc"):
-        return float(fm.margin_auc(margins, lo, hi))
-    m = margins.double().clamp(lo, hi)
-    return float((hi - m).mean() / (hi - lo))
-
-
 @torch.no_grad()
 def evaluate(model: DigitsCNN, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig) -> dict:
     """Clean / input-noise / weight-noise accuracy, margin AUC and the test margins."""
@@ -268,12 +238,12 @@ def evaluate(model: DigitsCNN, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig
         wn_acc.append((F.linear(h, Wn, b).argmax(1) == y).float().mean().item())
     torch.random.set_rng_state(gen_state)
 
-    margins = margins_of(logits, y).float().cpu()
+    margins = fm.multiclass_margin(logits, y).float().cpu()
     return {
         "clean_acc": clean,
         "input_noise_acc": sum(noisy_acc) / len(noisy_acc),
         "weight_noise_acc": sum(wn_acc) / len(wn_acc),
-        "margin_auc": margin_auc(margins, cfg.margin_lo, cfg.margin_hi),
+        "margin_auc": fm.margin_auc(margins, cfg.margin_lo, cfg.margin_hi),
         "margins": margins,
     }
 
@@ -295,9 +265,7 @@ def run_demo(
     names = list(registry) if objectives is None else list(objectives)
     for name in names:
         if name not in registry:
-            missing = name not in _ALL_OBJECTIVES
-            why = "unknown" if missing else "not available in this build"
-            raise ValueError(f"objectives: {name!r} is {why}; available: {', '.join(registry)}")
+            raise ValueError(f"objectives: {name!r} is unknown; available: {', '.join(registry)}")
     x_tr, y_tr, x_te, y_te = load_digits_split(cfg)
     threads = torch.get_num_threads()
     if x_tr.device.type == "cpu" and cfg.cpu_threads > 0:
