@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Callable, Iterator, List, Tuple, Union
 
@@ -16,31 +15,6 @@ from .augment import takes_target
 from .functional import worst_of_k_cross_entropy
 
 _MODES = ("joint", "select")
-
-
-def soft_worst_of_k(
-    logits: torch.Tensor, probs: torch.Tensor, temperature: float, label_smoothing: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample worst-of-k CE for per-copy probability targets (CutMix / MixUp copies).
-
-    logits and probs are (K, B, C) (copy-major); returns the (B,) worst (or smooth-max) losses
-    and the (B,) index of the worst copy, with the math of ``worst_of_k_cross_entropy``.
-
-    This is the plain-PyTorch path (it materialises the float32 (K, B) per-copy losses). It
-    switches to the fused kernel, ``worst_of_k_cross_entropy(logits, probs, dim=0, ...)``, once
-    that accepts probability targets (the soft-targets issue); keep the two in agreement.
-    """
-    K, B, C = logits.shape
-    ce = F.cross_entropy(
-        logits.reshape(K * B, C).float(),
-        probs.reshape(K * B, C).float(),
-        label_smoothing=label_smoothing,
-        reduction="none",
-    ).view(K, B)
-    worst, index = ce.max(dim=0)
-    if temperature > 0:
-        worst = temperature * (torch.logsumexp(ce / temperature, dim=0) - math.log(K))
-    return worst, index
 
 
 @contextlib.contextmanager
@@ -312,53 +286,34 @@ class MaxUp(nn.Module):
             loss, index = self._select(xs, y, targets, K, B)
         return (loss, index) if return_index else loss
 
+    def _worst_of_k(self, logits, target, **kw):
+        """The fused loss on copy-major (K, B, C) logits; ``target`` is the (B,) class index or
+        the per-copy (K, B, C) probabilities of a mixing augmentation."""
+        return worst_of_k_cross_entropy(
+            logits,
+            target,
+            dim=0,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            **kw,
+        )
+
     def _joint(self, xs, y, targets, K, B):
         logits = self._logits(xs, K, B)
         soft = self._soft_targets(targets, y, logits.shape[2], logits)
-        if soft is None:
-            return worst_of_k_cross_entropy(
-                logits,
-                y,
-                dim=0,
-                temperature=self.temperature,
-                label_smoothing=self.label_smoothing,
-                ignore_index=self.ignore_index,
-                return_index=True,
-            )
-        worst, index = soft_worst_of_k(logits, soft, self.temperature, self.label_smoothing)
-        return worst.mean().to(logits.dtype), index
+        target = y if soft is None else soft
+        return self._worst_of_k(logits, target, temperature=self.temperature, return_index=True)
 
     def _select(self, xs, y, targets, K, B):
         with torch.no_grad(), _selection_norm_mode(self.model, self.eval_bn_for_selection):
             logits = self._logits(xs, K, B)
             soft = self._soft_targets(targets, y, logits.shape[2], logits)
-            if soft is None:
-                _, index = worst_of_k_cross_entropy(
-                    logits,
-                    y,
-                    dim=0,
-                    label_smoothing=self.label_smoothing,
-                    ignore_index=self.ignore_index,
-                    reduction="none",
-                    return_index=True,
-                )
-            else:
-                _, index = soft_worst_of_k(logits, soft, 0.0, self.label_smoothing)
+            _, index = self._worst_of_k(
+                logits, y if soft is None else soft, reduction="none", return_index=True
+            )
             del logits
         rows = torch.arange(B, device=index.device)
         x_sel = xs.view(K, B, *xs.shape[1:])[index, rows]
         logits = self.model(x_sel).unsqueeze(0)  # (1, B, C): k = 1 is F.cross_entropy
-        if soft is None:
-            loss = worst_of_k_cross_entropy(
-                logits,
-                y,
-                dim=0,
-                label_smoothing=self.label_smoothing,
-                ignore_index=self.ignore_index,
-            )
-        else:
-            worst, _ = soft_worst_of_k(
-                logits, soft[index, rows].unsqueeze(0), 0.0, self.label_smoothing
-            )
-            loss = worst.mean().to(logits.dtype)
-        return loss, index
+        target = y if soft is None else soft[index, rows].unsqueeze(0)
+        return self._worst_of_k(logits, target), index

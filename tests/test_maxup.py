@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmargin as fm
-from fastmargin.maxup import soft_worst_of_k
 
 D, C = 5, 7
 
@@ -261,27 +260,6 @@ def test_soft_targets(mode, include_clean):
     torch.testing.assert_close(loss, ref.to(loss.dtype))
     for g, r in zip(grads(model), grads(ref_model)):
         torch.testing.assert_close(g, r)
-
-
-def test_soft_worst_of_k_matches_fused_kernel_on_one_hot_targets():
-    # The plain soft-target path and the fused kernel are one function on one-hot targets.
-    K, B = 4, 5
-    logits = torch.randn(K, B, C, dtype=torch.float64)
-    y = torch.randint(0, C, (B,))
-    probs = F.one_hot(y, C).double().expand(K, B, C)
-    for tau in (0.0, 0.3):
-        worst, idx = soft_worst_of_k(logits, probs, tau, 0.05)
-        ref, ref_idx = fm.worst_of_k_cross_entropy(
-            logits,
-            y,
-            dim=0,
-            temperature=tau,
-            label_smoothing=0.05,
-            reduction="none",
-            return_index=True,
-        )
-        torch.testing.assert_close(worst.double(), ref)
-        assert torch.equal(idx, ref_idx)
 
 
 @pytest.mark.parametrize("mode", ["joint", "select"])
