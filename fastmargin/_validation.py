@@ -106,3 +106,27 @@ def check_class_target(
                 f"(expected 0 <= target < {num_classes}{allowed})"
             )
     return target
+
+
+def check_logits(logits: object, ndim: int, layout: str) -> torch.Tensor:
+    """A floating tensor of rank ``ndim`` (``layout`` names the expected shape in errors)."""
+    logits = check_tensor(logits, "logits")
+    check_float_dtype(logits, "logits")
+    if logits.dim() != ndim:
+        raise ValueError(
+            f"logits: expected a {ndim}-D tensor ({layout}), got {logits.dim()}-D of shape "
+            f"{tuple(logits.shape)}"
+        )
+    return logits
+
+
+def check_rows_of_logits(logits: object, *, min_classes: int = 1, why: str = "") -> torch.Tensor:
+    """(N, C) logits with at least ``min_classes`` classes, returned with a contiguous class
+    dim (copied once only if it is strided, which the kernels cannot read in place)."""
+    logits = check_logits(logits, 2, "(N, C)")
+    C = logits.shape[1]
+    if C < min_classes:
+        if min_classes == 1:
+            raise ValueError("logits: the class dimension is empty (C = 0)")
+        raise ValueError(f"logits: {why} needs at least {min_classes} classes, got C = {C}")
+    return logits.contiguous() if C > 1 and logits.stride(1) != 1 else logits

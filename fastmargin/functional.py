@@ -94,13 +94,7 @@ def worst_of_k_cross_entropy(
         out of range (checked while ``fm.set_validation`` is on; without the check such a
         sample's loss is NaN).
     """
-    v.check_tensor(logits, "logits")
-    v.check_float_dtype(logits, "logits")
-    if logits.dim() != 3:
-        raise ValueError(
-            f"logits: expected a 3-D tensor ((B, k, C) for dim=1 or (k, B, C) for dim=0), "
-            f"got {logits.dim()}-D of shape {tuple(logits.shape)}"
-        )
+    v.check_logits(logits, 3, "(B, k, C) for dim=1 or (k, B, C) for dim=0")
     x = _as_batch_copies_classes(logits, dim)
     B, k, C = x.shape
     if k == 0:

@@ -34,19 +34,8 @@ def multiclass_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
         TypeError / ValueError / RuntimeError for malformed arguments (C < 2 is a ValueError),
         IndexError for an out-of-range target while validation is on.
     """
-    v.check_tensor(logits, "logits")
-    v.check_float_dtype(logits, "logits")
-    if logits.dim() != 2:
-        raise ValueError(
-            f"logits: expected a 2-D (N, C) tensor, got {logits.dim()}-D of shape "
-            f"{tuple(logits.shape)}"
-        )
-    N, C = logits.shape
-    if C < 2:
-        raise ValueError(
-            f"logits: the multiclass margin needs at least 2 classes (C >= 2), got C = {C}"
-        )
+    x = v.check_rows_of_logits(logits, min_classes=2, why="the multiclass margin (C >= 2)")
+    N, C = x.shape
     target = v.check_class_target(target, N, C, None, logits)
-    x = logits if logits.stride(1) == 1 else logits.contiguous()
     margin, _runner_up = ops.multiclass_margin_fwd(x, target)
     return margin.to(logits.dtype)

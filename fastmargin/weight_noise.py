@@ -192,17 +192,8 @@ def weight_noise_worst_of_k_cross_entropy(
         wrong shapes, dtypes or devices); IndexError for a target out of range (checked while
         ``fm.set_validation`` is on).
     """
-    v.check_tensor(logits, "logits")
-    v.check_float_dtype(logits, "logits")
-    if logits.dim() != 2:
-        raise ValueError(
-            f"logits: expected a 2-D (N, C) tensor, got {logits.dim()}-D of shape "
-            f"{tuple(logits.shape)}"
-        )
-    N, C = logits.shape
-    if C == 0:
-        raise ValueError("logits: the class dimension is empty (C = 0)")
-    x = logits.contiguous() if C > 1 and logits.stride(1) != 1 else logits
+    x = v.check_rows_of_logits(logits)
+    N, C = x.shape
     k = _check_k(k)
     temperature = v.check_nonnegative(temperature, "temperature")
     label_smoothing = v.check_label_smoothing(label_smoothing)

@@ -83,21 +83,12 @@ def weight_robust_cross_entropy(
     Returns:
         The loss in the logits' dtype (accumulated in float32).
     """
-    v.check_tensor(logits, "logits")
-    v.check_float_dtype(logits, "logits")
-    if logits.dim() != 2:
-        raise ValueError(
-            f"logits: expected a 2-D (N, C) tensor, got {logits.dim()}-D of shape "
-            f"{tuple(logits.shape)}"
-        )
-    N, C = logits.shape
-    if C == 0:
-        raise ValueError("logits: the class dimension is empty (C = 0)")
+    x = v.check_rows_of_logits(logits)
+    N, C = x.shape
     label_smoothing = v.check_label_smoothing(label_smoothing)
     v.check_reduction(reduction)
     target = v.check_class_target(target, N, C, ignore_index, logits)
     r = _radius_tensor(radius, N, logits)
-    x = logits if C <= 1 or logits.stride(1) == 1 else logits.contiguous()
     per_sample, _lse, _weight, _index, _dr = ops.worst_of_k_ce_fwd(
         x.unsqueeze(1), target, r, 0.0, label_smoothing, ignore_index
     )
