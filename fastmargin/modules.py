@@ -10,8 +10,28 @@ from torch import nn
 from . import functional as F_fm
 
 
-class WorstOfKCrossEntropy(nn.Module):
-    """Module form of :func:`fastmargin.worst_of_k_cross_entropy` (same arguments).
+class LossModule(nn.Module):
+    """Base of the loss modules: keeps the keyword options of the functional form as
+    attributes (so they can be changed between calls) and shows them in ``repr``."""
+
+    _option_names: tuple = ()
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        for name, value in options.items():
+            setattr(self, name, value)
+        self._option_names = tuple(options)
+
+    def options(self) -> dict:
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.options().items())
+
+
+class WorstOfKCrossEntropy(LossModule):
+    """Module form of :func:`fastmargin.worst_of_k_cross_entropy` (same arguments; a class
+    ``weight`` is kept as a buffer, so it follows ``.to(device)`` like nn.CrossEntropyLoss').
 
     Example::
 
@@ -27,31 +47,20 @@ class WorstOfKCrossEntropy(nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         reduction: str = "mean",
+        weight: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        self.dim = dim
-        self.temperature = temperature
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
+        super().__init__(
+            dim=dim,
+            temperature=temperature,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+        self.register_buffer("weight", weight)
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, return_index: bool = False
     ) -> Union[torch.Tensor, tuple]:
         return F_fm.worst_of_k_cross_entropy(
-            logits,
-            target,
-            dim=self.dim,
-            temperature=self.temperature,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            return_index=return_index,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, temperature={self.temperature}, "
-            f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}"
+            logits, target, return_index=return_index, weight=self.weight, **self.options()
         )

@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Tuple, Union
 
 import torch
-from torch import nn
 
 from . import _validation as v
 from ._ops import ops, stats_dtype
+from .modules import LossModule
 from .reference import reduce_loss
 
 _INT64_MIN = -(2**63)
@@ -209,7 +209,7 @@ def weight_noise_worst_of_k_cross_entropy(
     return (loss, index) if return_index else loss
 
 
-class WeightNoiseWorstOfKCrossEntropy(nn.Module):
+class WeightNoiseWorstOfKCrossEntropy(LossModule):
     """Module form of :func:`weight_noise_worst_of_k_cross_entropy` (same arguments).
 
     MaxUp over last-layer weight noise::
@@ -228,12 +228,13 @@ class WeightNoiseWorstOfKCrossEntropy(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
     ) -> None:
-        super().__init__()
-        self.k = _check_k(k)
-        self.temperature = temperature
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
+        super().__init__(
+            k=_check_k(k),
+            temperature=temperature,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
 
     def forward(
         self,
@@ -247,18 +248,7 @@ class WeightNoiseWorstOfKCrossEntropy(nn.Module):
             logits,
             target,
             scale,
-            k=self.k,
-            temperature=self.temperature,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
             return_index=return_index,
             generator=generator,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"k={self.k}, temperature={self.temperature}, "
-            f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}"
+            **self.options(),
         )

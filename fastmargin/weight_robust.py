@@ -18,6 +18,7 @@ from torch import nn
 
 from . import _validation as v
 from ._ops import ops, stats_dtype
+from .modules import LossModule
 from .reference import reduce_loss
 
 Radius = Union[float, torch.Tensor]
@@ -136,7 +137,7 @@ def weight_perturbation_radius(features: torch.Tensor, eps: float, p: float = 2.
     return eps * torch.linalg.vector_norm(features.flatten(1), ord=q, dim=1)
 
 
-class WeightRobustCrossEntropy(nn.Module):
+class WeightRobustCrossEntropy(LossModule):
     """Module form of :func:`weight_robust_cross_entropy`.
 
     Two ways to use it:
@@ -164,16 +165,17 @@ class WeightRobustCrossEntropy(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
     ) -> None:
-        super().__init__()
         if linear is not None and not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear or None, got {type(linear).__name__}")
-        self.linear = linear
-        self.eps = v.check_nonnegative(eps, "eps")
-        self.p = p
         dual_exponent(p)  # validates p now rather than at the first call
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
+        super().__init__(
+            eps=v.check_nonnegative(eps, "eps"),
+            p=p,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+        self.linear = linear
 
     def forward(
         self,
@@ -212,9 +214,3 @@ class WeightRobustCrossEntropy(nn.Module):
             reduction=self.reduction,
         )
         return (loss, logits) if return_logits else loss
-
-    def extra_repr(self) -> str:
-        return (
-            f"eps={self.eps}, p={self.p}, label_smoothing={self.label_smoothing}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
-        )

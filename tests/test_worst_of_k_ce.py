@@ -252,6 +252,12 @@ def test_module_form():
     )
     torch.testing.assert_close(module(logits, target), expected)
     assert "temperature=0.5" in repr(module)
+    weight = torch.rand(7) + 0.5
+    weighted = fm.WorstOfKCrossEntropy(dim=0, weight=weight)
+    assert torch.equal(weighted.weight, weight)  # a buffer: follows .to(device)
+    torch.testing.assert_close(
+        weighted(logits, target), fm.worst_of_k_cross_entropy(logits, target, dim=0, weight=weight)
+    )
 
 
 def test_does_not_modify_inputs():
