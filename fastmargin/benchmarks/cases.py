@@ -129,20 +129,173 @@ def worst_of_k_case(rows: int, classes: int, k: int, dtype: torch.dtype) -> Case
     )
 
 
+def _soft_fm(x, p):
+    return fm.worst_of_k_cross_entropy(x, p, dim=0)
+
+
+def _soft_ref(x, p):
+    return ref.worst_of_k_cross_entropy(x, p, dim=0)
+
+
+def soft_target_case(rows: int, classes: int, k: int, dtype: torch.dtype) -> Case:
+    """Worst-of-k CE with per-sample probability targets (B, C) shared by the k copies."""
+    B = rows // k
+
+    def setup(device: str) -> Dict[str, Provider]:
+        x, _ = _random_logits(device, (k, B, classes), dtype, classes, B)
+        probs = torch.softmax(torch.randn(B, classes, device=device), dim=1).to(dtype)
+        return _providers(_soft_fm, _soft_ref, (x, probs), backward=True)
+
+    s = _element_size(dtype)
+    return Case(
+        op="worst_of_k_ce_soft",
+        shape=f"{rows}x{classes},k={k}",
+        dtype=dtype,
+        bytes_moved=(2 * rows + B) * classes * s,
+        byte_model="read logits + targets once, write the gradient once (3-pass model at k=1)",
+        setup=setup,
+    )
+
+
+def _margin_fm(x, y):
+    return fm.multiclass_margin(x, y)
+
+
+def _margin_ref(x, y):
+    return ref.multiclass_margin(x, y)
+
+
+def margin_case(rows: int, classes: int, dtype: torch.dtype) -> Case:
+    """multiclass_margin forward on (rows, classes) logits."""
+
+    def setup(device: str) -> Dict[str, Provider]:
+        x, y = _random_logits(device, (rows, classes), dtype, classes, rows)
+        return _providers(_margin_fm, _margin_ref, (x.detach(), y), backward=False)
+
+    return Case(
+        op="multiclass_margin",
+        shape=f"{rows}x{classes}",
+        dtype=dtype,
+        bytes_moved=rows * classes * _element_size(dtype),
+        byte_model="forward: read the logits once",
+        setup=setup,
+    )
+
+
+def _robust_fm(x, y, r):
+    return fm.weight_robust_cross_entropy(x, y, r)
+
+
+def _robust_ref(x, y, r):
+    return ref.weight_robust_cross_entropy(x, y, r)
+
+
+def weight_robust_case(rows: int, classes: int, dtype: torch.dtype) -> Case:
+    """weight_robust_cross_entropy forward + backward (into logits and radius)."""
+
+    def setup(device: str) -> Dict[str, Provider]:
+        x, y = _random_logits(device, (rows, classes), dtype, classes, rows)
+        r = torch.rand(rows, device=device).requires_grad_(True)
+        return _providers(_robust_fm, _robust_ref, (x, y, r), backward=True)
+
+    return Case(
+        op="weight_robust_ce",
+        shape=f"{rows}x{classes}",
+        dtype=dtype,
+        bytes_moved=2 * rows * classes * _element_size(dtype),
+        byte_model="read logits once + write their gradient once (2 passes)",
+        setup=setup,
+    )
+
+
+def _noise_fm(x, y, s):
+    return fm.weight_noise_worst_of_k_cross_entropy(x, y, s, k=4)
+
+
+def _noise_ref(x, y, s):
+    # Materialises the k noisy copies (randn + add + worst-of-k CE), as a user would.
+    return ref.weight_noise_worst_of_k_cross_entropy(x, y, s, k=4)
+
+
+def weight_noise_case(rows: int, classes: int, dtype: torch.dtype) -> Case:
+    """weight_noise_worst_of_k_cross_entropy (k = 4) forward + backward."""
+
+    def setup(device: str) -> Dict[str, Provider]:
+        x, y = _random_logits(device, (rows, classes), dtype, classes, rows)
+        scale = torch.rand(rows, device=device).requires_grad_(True)
+        return _providers(_noise_fm, _noise_ref, (x, y, scale), backward=True)
+
+    return Case(
+        op="weight_noise_ce",
+        shape=f"{rows}x{classes},k=4",
+        dtype=dtype,
+        bytes_moved=2 * rows * classes * _element_size(dtype),
+        byte_model="read logits once + write their gradient once; the k copies live in registers",
+        setup=setup,
+    )
+
+
+def _perturb_fm(u, d):
+    return fm.all_layer_perturb(u, d)
+
+
+def _perturb_ref(u, d):
+    return ref.all_layer_perturb(u, d)
+
+
+def perturb_case(batch: int, per_example: int, dtype: torch.dtype) -> Case:
+    """all_layer_perturb forward + backward on (batch, per_example) activations."""
+
+    def setup(device: str) -> Dict[str, Provider]:
+        gen = torch.Generator(device=device).manual_seed(0)
+        u = torch.randn(batch, per_example, device=device, dtype=dtype, generator=gen)
+        d = 1e-2 * torch.randn(batch, per_example, device=device, dtype=dtype, generator=gen)
+        g = torch.randn(batch, per_example, device=device, dtype=dtype, generator=gen)
+        inputs = (u.requires_grad_(True), d.requires_grad_(True))
+        return _providers(_perturb_fm, _perturb_ref, inputs, backward=True, grad_output=g)
+
+    return Case(
+        op="all_layer_perturb",
+        shape=f"{batch}x{per_example}",
+        dtype=dtype,
+        bytes_moved=8 * batch * per_example * _element_size(dtype),
+        byte_model="fwd: read u, delta, write out; bwd: read g, u, delta, write both grads",
+        setup=setup,
+    )
+
+
 GPU_SHAPES = [(65536, 10), (65536, 100), (65536, 1000), (32768, 32000), (16384, 128256)]
 CPU_SHAPES = [(4096, 10), (2048, 1000), (256, 32000)]
+OPS = (
+    "worst_of_k_ce",
+    "worst_of_k_ce_soft",
+    "multiclass_margin",
+    "weight_robust_ce",
+    "weight_noise_ce",
+    "all_layer_perturb",
+)
 
 
 def default_cases(device: str, *, quick: bool = False) -> List[Case]:
     """The benchmark matrix: every op on the device's shape list (small on the CPU)."""
-    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    gpu = device == "cuda"
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
     dtypes = [torch.bfloat16, torch.float32]
-    ks = [1, 4, 8] if device == "cuda" and not quick else [4]
+    ks = [1, 4, 8] if gpu and not quick else [4]
     if quick:
         shapes, dtypes = shapes[:2], [torch.float32]
     cases: List[Case] = []
     for rows, classes in shapes:
-        for k in ks:
-            for dtype in dtypes:
-                cases.append(worst_of_k_case(rows, classes, k, dtype))
+        for dtype in dtypes:
+            cases += [worst_of_k_case(rows, classes, k, dtype) for k in ks]
+            cases += [
+                margin_case(rows, classes, dtype),
+                weight_robust_case(rows, classes, dtype),
+                weight_noise_case(rows, classes, dtype),
+            ]
+    soft_shape = (32768, 32000) if gpu else (1024, 1000)
+    cases.append(soft_target_case(*soft_shape, 4, torch.bfloat16))
+    for batch, per_example in [(512, 65536), (512, 4096)] if gpu else [(64, 4096)]:
+        for dtype in dtypes:
+            cases.append(perturb_case(batch, per_example, dtype))
     return cases
