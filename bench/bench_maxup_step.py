@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastmargin as fm  # noqa: E402
+from fastmargin.benchmarks import runner  # noqa: E402
 from fastmargin.models import WideResNet  # noqa: E402
 
 
@@ -56,37 +55,19 @@ def make_providers(model, augment, k):
 
 
 def time_step(step, model, x, y, *, autocast_dtype, iters, warmup):
-    dev = x.device
-    cuda = dev.type == "cuda"
+    """Median ms of one step (forward + backward) and its peak extra memory in MB (GPU)."""
+    dev = x.device.type
 
     def once():
         model.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = step(x, y)
         loss.backward()
 
-    for _ in range(warmup):
-        once()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        model.zero_grad(set_to_none=True)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            once()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            once()
-            times.append(1e3 * (time.perf_counter() - t0))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
-    return statistics.median(times), peak
+    median_ms = runner.time_median(once, dev, warmup=warmup, reps=iters)
+    model.zero_grad(set_to_none=True)
+    peak = runner.peak_extra_mb(once, dev)
+    return median_ms, float("nan") if peak is None else peak
 
 
 def main(argv=None) -> int:
