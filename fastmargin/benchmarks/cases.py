@@ -165,47 +165,12 @@ def _margin_ref(x, y):
     return ref.multiclass_margin(x, y)
 
 
-def margin_case(rows: int, classes: int, dtype: torch.dtype) -> Case:
-    """multiclass_margin forward on (rows, classes) logits."""
-
-    def setup(device: str) -> Dict[str, Provider]:
-        x, y = _random_logits(device, (rows, classes), dtype, classes, rows)
-        return _providers(_margin_fm, _margin_ref, (x.detach(), y), backward=False)
-
-    return Case(
-        op="multiclass_margin",
-        shape=f"{rows}x{classes}",
-        dtype=dtype,
-        bytes_moved=rows * classes * _element_size(dtype),
-        byte_model="forward: read the logits once",
-        setup=setup,
-    )
-
-
 def _robust_fm(x, y, r):
     return fm.weight_robust_cross_entropy(x, y, r)
 
 
 def _robust_ref(x, y, r):
     return ref.weight_robust_cross_entropy(x, y, r)
-
-
-def weight_robust_case(rows: int, classes: int, dtype: torch.dtype) -> Case:
-    """weight_robust_cross_entropy forward + backward (into logits and radius)."""
-
-    def setup(device: str) -> Dict[str, Provider]:
-        x, y = _random_logits(device, (rows, classes), dtype, classes, rows)
-        r = torch.rand(rows, device=device).requires_grad_(True)
-        return _providers(_robust_fm, _robust_ref, (x, y, r), backward=True)
-
-    return Case(
-        op="weight_robust_ce",
-        shape=f"{rows}x{classes}",
-        dtype=dtype,
-        bytes_moved=2 * rows * classes * _element_size(dtype),
-        byte_model="read logits once + write their gradient once (2 passes)",
-        setup=setup,
-    )
 
 
 def _noise_fm(x, y, s):
@@ -217,20 +182,46 @@ def _noise_ref(x, y, s):
     return ref.weight_noise_worst_of_k_cross_entropy(x, y, s, k=4)
 
 
-def weight_noise_case(rows: int, classes: int, dtype: torch.dtype) -> Case:
-    """weight_noise_worst_of_k_cross_entropy (k = 4) forward + backward."""
+# (N, C)-logits ops: op -> (ours, reference, per-row extra input?, backward?, passes, model)
+_ROW_OPS = {
+    "multiclass_margin": (_margin_fm, _margin_ref, False, False, 1, "forward: read logits once"),
+    "weight_robust_ce": (
+        _robust_fm,
+        _robust_ref,
+        True,
+        True,
+        2,
+        "read logits once + write their gradient once (2 passes)",
+    ),
+    "weight_noise_ce": (
+        _noise_fm,
+        _noise_ref,
+        True,
+        True,
+        2,
+        "read logits once + write their gradient once; the k = 4 copies live in registers",
+    ),
+}
+
+
+def row_op_case(op: str, rows: int, classes: int, dtype: torch.dtype) -> Case:
+    """An op on (rows, classes) logits and (rows,) targets, plus a differentiable (rows,)
+    radius / scale where the op takes one."""
+    ours, reference, per_row_input, backward, passes, model = _ROW_OPS[op]
 
     def setup(device: str) -> Dict[str, Provider]:
         x, y = _random_logits(device, (rows, classes), dtype, classes, rows)
-        scale = torch.rand(rows, device=device).requires_grad_(True)
-        return _providers(_noise_fm, _noise_ref, (x, y, scale), backward=True)
+        inputs = (x, y) if backward else (x.detach(), y)
+        if per_row_input:
+            inputs += (torch.rand(rows, device=device).requires_grad_(True),)
+        return _providers(ours, reference, inputs, backward=backward)
 
     return Case(
-        op="weight_noise_ce",
-        shape=f"{rows}x{classes},k=4",
+        op=op,
+        shape=f"{rows}x{classes}",
         dtype=dtype,
-        bytes_moved=2 * rows * classes * _element_size(dtype),
-        byte_model="read logits once + write their gradient once; the k copies live in registers",
+        bytes_moved=passes * rows * classes * _element_size(dtype),
+        byte_model=model,
         setup=setup,
     )
 
@@ -288,11 +279,7 @@ def default_cases(device: str, *, quick: bool = False) -> List[Case]:
     for rows, classes in shapes:
         for dtype in dtypes:
             cases += [worst_of_k_case(rows, classes, k, dtype) for k in ks]
-            cases += [
-                margin_case(rows, classes, dtype),
-                weight_robust_case(rows, classes, dtype),
-                weight_noise_case(rows, classes, dtype),
-            ]
+            cases += [row_op_case(op, rows, classes, dtype) for op in _ROW_OPS]
     soft_shape = (32768, 32000) if gpu else (1024, 1000)
     cases.append(soft_target_case(*soft_shape, 4, torch.bfloat16))
     for batch, per_example in [(512, 65536), (512, 4096)] if gpu else [(64, 4096)]:
