@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def cross_entropy_per_copy(
@@ -253,3 +254,62 @@ def weight_noise_worst_of_k_cross_entropy(
         reduction=reduction,
         return_index=return_index,
     )
+
+
+def all_layer_margin_loss(
+    model: nn.Module,
+    layers,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float = 0.01,
+    steps: int = 1,
+    freeze_bn: bool = True,
+) -> torch.Tensor:
+    """AMO (Wei & Ma 2020) with ordinary forward hooks, the reference of fm.AllLayerMargin.
+
+    After each module in ``layers`` its output u becomes u + ||u_b||_2 * delta (float32, or
+    float64 for float64 models; the norm per example, not detached). delta starts at zero and
+    takes ``steps`` SGD steps of size ``lr`` on -CE (ascent on the loss) by
+    ``torch.autograd.grad`` with respect to the deltas only; BatchNorm buffers are put back
+    after the ascent when ``freeze_bn``. Returns the CE of the perturbed network.
+    """
+    deltas, calls = {}, {}
+
+    def make_hook(i):
+        def hook(module, inputs, out):
+            key = (i, calls[i])
+            calls[i] += 1
+            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+            if key not in deltas:
+                deltas[key] = torch.zeros(out.shape, dtype=acc, device=out.device).requires_grad_()
+            B = out.shape[0]
+            norm = out.to(acc).reshape(B, -1).norm(dim=1).view((B,) + (1,) * (out.dim() - 1))
+            return (out.to(acc) + norm * deltas[key]).to(out.dtype)
+
+        return hook
+
+    def forward():
+        calls.update({i: 0 for i in range(len(layers))})
+        return F.cross_entropy(model(x), y)
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(layers)]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: b.clone() for k, b in m.named_buffers()} for m in bns]
+    try:
+        for _ in range(steps):
+            loss = forward()
+            keys = list(deltas)
+            grads = torch.autograd.grad(loss, [deltas[k] for k in keys])
+            for k, g in zip(keys, grads):
+                deltas[k] = (deltas[k] + lr * g).detach().requires_grad_()
+        if freeze_bn:
+            for m, buffers in zip(bns, saved):
+                for k, b in m.named_buffers():
+                    b.copy_(buffers[k])
+        for k in deltas:
+            deltas[k] = deltas[k].detach()
+        return forward()
+    finally:
+        for h in handles:
+            h.remove()

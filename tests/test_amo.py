@@ -16,51 +16,6 @@ import fastmargin as fm
 # --- the plain-PyTorch version of AMO (what the library must compute) ---------------------
 
 
-def plain_amo_loss(model, layers, x, y, *, lr=0.01, steps=1, freeze_bn=True):
-    """AMO with ordinary hooks: u + ||u_b|| * delta in float32 (float64 for float64 models),
-    delta from `steps` SGD steps of size `lr` on -CE starting at zero, BatchNorm buffers put
-    back after the ascent when `freeze_bn`."""
-    deltas, calls = {}, {}
-
-    def make_hook(i):
-        def hook(module, inputs, out):
-            key = (i, calls[i])
-            calls[i] += 1
-            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-            if key not in deltas:
-                deltas[key] = torch.zeros(out.shape, dtype=acc, device=out.device).requires_grad_()
-            B = out.shape[0]
-            norm = out.to(acc).reshape(B, -1).norm(dim=1).view((B,) + (1,) * (out.dim() - 1))
-            return (out.to(acc) + norm * deltas[key]).to(out.dtype)
-
-        return hook
-
-    def forward():
-        calls.update({i: 0 for i in range(len(layers))})
-        return F.cross_entropy(model(x), y)
-
-    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(layers)]
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [{k: b.clone() for k, b in m.named_buffers()} for m in bns]
-    try:
-        for _ in range(steps):
-            loss = forward()
-            keys = list(deltas)
-            grads = torch.autograd.grad(loss, [deltas[k] for k in keys])
-            for k, g in zip(keys, grads):
-                deltas[k] = (deltas[k] + lr * g).detach().requires_grad_()
-        if freeze_bn:
-            for m, buffers in zip(bns, saved):
-                for k, b in m.named_buffers():
-                    b.copy_(buffers[k])
-        for k in deltas:
-            deltas[k] = deltas[k].detach()
-        return forward()
-    finally:
-        for h in handles:
-            h.remove()
-
-
 # --- models --------------------------------------------------------------------------------
 
 
@@ -130,7 +85,7 @@ def test_matches_plain_hook_implementation(kind, steps, lr):
     amo = fm.AllLayerMargin(model, inner_lr=lr, inner_steps=steps)
     loss = amo(x, y)
     loss.backward()
-    ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=lr, steps=steps)
+    ref = fm.reference.all_layer_margin_loss(twin, default_layers(twin), x, y, lr=lr, steps=steps)
     ref.backward()
     torch.testing.assert_close(loss, ref)
     for a, b in zip(_grads(model), _grads(twin)):
@@ -145,7 +100,7 @@ def test_channels_last_cnn_matches_plain_hook_implementation():
     x, y = data("cnn")
     x = x.contiguous(memory_format=torch.channels_last)
     loss = fm.AllLayerMargin(model, inner_lr=0.5, inner_steps=2)(x, y)
-    ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5, steps=2)
+    ref = fm.reference.all_layer_margin_loss(twin, default_layers(twin), x, y, lr=0.5, steps=2)
     torch.testing.assert_close(loss, ref)
     loss.backward()
     ref.backward()
@@ -176,7 +131,7 @@ def test_inplace_op_after_a_layer_falls_back_to_the_op():
     amo = fm.AllLayerMargin(model, inner_lr=0.5)
     for _ in range(2):  # the second call uses the op for layer 0 at once
         loss = amo(x, y)
-        ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5)
+        ref = fm.reference.all_layer_margin_loss(twin, default_layers(twin), x, y, lr=0.5)
         torch.testing.assert_close(loss, ref)
         loss.backward()
         ref.backward()
@@ -194,7 +149,7 @@ def test_frozen_first_layer():
     twin = copy.deepcopy(model)
     x, y = data("cnn")
     loss = fm.AllLayerMargin(model, inner_lr=0.5)(x, y)
-    ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5)
+    ref = fm.reference.all_layer_margin_loss(twin, default_layers(twin), x, y, lr=0.5)
     torch.testing.assert_close(loss, ref)
 
 
@@ -203,7 +158,7 @@ def test_shared_layer_gets_a_delta_per_call():
     twin = copy.deepcopy(model)
     x, y = data("mlp")
     loss = fm.AllLayerMargin(model, inner_lr=0.3, inner_steps=2)(x, y)
-    ref = plain_amo_loss(twin, [twin.inp, twin.mid], x, y, lr=0.3, steps=2)
+    ref = fm.reference.all_layer_margin_loss(twin, [twin.inp, twin.mid], x, y, lr=0.3, steps=2)
     torch.testing.assert_close(loss, ref)
     loss.backward()
     ref.backward()
@@ -256,7 +211,9 @@ def test_batchnorm_running_stats(freeze, steps):
     x, y = data("cnn")
     amo = fm.AllLayerMargin(model, inner_lr=0.2, inner_steps=steps, freeze_bn_stats=freeze)
     amo(x, y)
-    plain_amo_loss(twin, default_layers(twin), x, y, lr=0.2, steps=steps, freeze_bn=freeze)
+    fm.reference.all_layer_margin_loss(
+        twin, default_layers(twin), x, y, lr=0.2, steps=steps, freeze_bn=freeze
+    )
     bn = model[1]
     assert bn.num_batches_tracked.item() == (1 if freeze else 1 + steps)
     assert bn.track_running_stats  # restored after the ascent
@@ -284,7 +241,7 @@ def test_autocast_bfloat16_cpu(kind):
     model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = amo(x, y)
-        ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5)
+        ref = fm.reference.all_layer_margin_loss(twin, default_layers(twin), x, y, lr=0.5)
     assert seen and set(seen) == {torch.bfloat16}
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
@@ -432,7 +389,7 @@ def test_cuda_matches_plain_hook_implementation(kind, autocast):
     x, y = x.cuda(), y.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         loss = fm.AllLayerMargin(model, inner_lr=0.5, inner_steps=2)(x, y)
-        ref = plain_amo_loss(twin, default_layers(twin), x, y, lr=0.5, steps=2)
+        ref = fm.reference.all_layer_margin_loss(twin, default_layers(twin), x, y, lr=0.5, steps=2)
     tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, ref, **tol)
     loss.backward()
