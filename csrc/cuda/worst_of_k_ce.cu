@@ -49,12 +49,6 @@
 namespace fastmargin {
 namespace {
 
-// Rows of at most this many classes get a warp each; longer rows get a whole block.
-constexpr int64_t kWarpRowMaxClasses = 2048;
-constexpr int kLargeBlock = 512;
-
-constexpr int block_threads(int group_threads) { return group_threads > 256 ? group_threads : 256; }
-
 template <typename scalar_t, typename acc_t>
 struct ForwardParams {
   const scalar_t* logits;
@@ -101,13 +95,12 @@ __device__ __forceinline__ RowStats<acc_t> thread_row_stats(const scalar_t* row,
 }
 
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
+__global__ void __launch_bounds__(row_block_threads(GROUP))
     worst_of_k_ce_forward_kernel(ForwardParams<scalar_t, acc_t> p) {
-  __shared__ RowStats<acc_t> smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
-  if (b >= p.B) return;  // uniform per group; block-sized groups have kGroups == 1
+  __shared__ RowStats<acc_t> smem[row_block_threads(GROUP) / kWarp];
+  const int64_t b = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
+  if (b >= p.B) return;  // uniform per group (see group_item)
 
   const int64_t y = p.target[b];
   const TargetKind kind = classify_target(y, p.ignore_index, p.C);
@@ -171,11 +164,10 @@ __device__ __forceinline__ void fill_row(scalar_t* out, int64_t C, scalar_t valu
 }
 
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
+__global__ void __launch_bounds__(row_block_threads(GROUP))
     worst_of_k_ce_backward_kernel(BackwardParams<scalar_t, acc_t> p) {
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
+  const int64_t row_id = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
   if (row_id >= p.B * p.k) return;
   const int64_t b = row_id / p.k, j = row_id % p.k;
   scalar_t* out = p.grad + b * p.grad_stride_b + j * p.grad_stride_k;
@@ -283,13 +275,12 @@ __device__ __forceinline__ WeightedRowStats<acc_t> thread_weighted_stats(
 }
 
 template <typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
+__global__ void __launch_bounds__(row_block_threads(GROUP))
     weighted_ce_forward_kernel(WeightedParams<scalar_t, target_t, acc_t> p) {
-  __shared__ WeightedRowStats<acc_t> smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
-  if (b >= p.B) return;  // uniform per group; block-sized groups have kGroups == 1
+  __shared__ WeightedRowStats<acc_t> smem[row_block_threads(GROUP) / kWarp];
+  const int64_t b = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
+  if (b >= p.B) return;  // uniform per group (see group_item)
 
   acc_t* lse_b = p.lse + b * p.k;
   acc_t* w_b = p.weight + b * p.k;
@@ -316,7 +307,7 @@ __global__ void __launch_bounds__(block_threads(GROUP))
     const WeightedRow<scalar_t, target_t, acc_t> row = p.row(b, j, y, r);
     WeightedRowStats<acc_t> st =
         thread_weighted_stats<scalar_t, target_t, acc_t, VEC, GROUP>(row, p.C, t);
-    st = group_merge_stats<GROUP>(st, smem);
+    st = group_reduce<GROUP>(st, smem, WeightedRowStats<acc_t>::empty());
     if (t == 0) {
       lse_b[j] = st.lse();
       w_b[j] = st.loss();  // the per-copy loss waits here until all k copies are known
@@ -340,12 +331,11 @@ __global__ void __launch_bounds__(block_threads(GROUP))
 }
 
 template <typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
+__global__ void __launch_bounds__(row_block_threads(GROUP))
     weighted_ce_backward_kernel(WeightedParams<scalar_t, target_t, acc_t> p) {
-  __shared__ SumStat<acc_t> smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
+  __shared__ SumStat<acc_t> smem[row_block_threads(GROUP) / kWarp];
+  const int64_t row_id = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
   if (row_id >= p.B * p.k) return;
   const int64_t b = row_id / p.k, j = row_id % p.k;
   scalar_t* out = p.grad + b * p.grad_stride_b + j * p.grad_stride_k;
@@ -378,7 +368,7 @@ __global__ void __launch_bounds__(block_threads(GROUP))
       }
     }
     for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) part.v += row.a(c);
-    asum = group_merge_stats<GROUP>(part, smem).v;
+    asum = group_reduce<GROUP>(part, smem, SumStat<acc_t>::empty()).v;
   } else {
     asum = row.coef(acc_t(1), y);
   }
@@ -400,65 +390,35 @@ __global__ void __launch_bounds__(block_threads(GROUP))
   }
 }
 
-// Picks the vector width (16 bytes when every row start is aligned) and the group size
-// (warp per row for short rows, block per row for long ones), then launches.
-template <typename scalar_t, template <typename, typename, int, int> class Launcher, typename... A>
-void launch_configured(bool aligned, int64_t C, A&&... args) {
-  constexpr int kVec = max_vec<scalar_t>();
-  const bool small = C <= kWarpRowMaxClasses;
-  if (aligned && small) {
-    Launcher<scalar_t, at::opmath_type<scalar_t>, kVec, kWarp>::run(args...);
-  } else if (aligned) {
-    Launcher<scalar_t, at::opmath_type<scalar_t>, kVec, kLargeBlock>::run(args...);
-  } else if (small) {
-    Launcher<scalar_t, at::opmath_type<scalar_t>, 1, kWarp>::run(args...);
-  } else {
-    Launcher<scalar_t, at::opmath_type<scalar_t>, 1, kLargeBlock>::run(args...);
-  }
-}
-
-int64_t grid_for(int64_t work_items, int group_threads) {
-  const int64_t groups_per_block = block_threads(group_threads) / group_threads;
-  return (work_items + groups_per_block - 1) / groups_per_block;
-}
-
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 struct ForwardLauncher {
   static void run(const ForwardParams<scalar_t, acc_t>& p) {
-    worst_of_k_ce_forward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<grid_for(p.B, GROUP), block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_groups<GROUP>(worst_of_k_ce_forward_kernel<scalar_t, acc_t, VEC, GROUP>, p.B, p);
   }
 };
 
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 struct BackwardLauncher {
   static void run(const BackwardParams<scalar_t, acc_t>& p) {
-    worst_of_k_ce_backward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<grid_for(p.B * p.k, GROUP), block_threads(GROUP), 0,
-           c10::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_groups<GROUP>(worst_of_k_ce_backward_kernel<scalar_t, acc_t, VEC, GROUP>, p.B * p.k, p);
   }
 };
 
-// Launchers of the weighted kernels for one soft-target dtype, in launch_configured's shape.
+// Launchers of the weighted kernels for one soft-target dtype, in launch_row_kernel's shape.
 template <typename target_t>
 struct WeightedLaunch {
   template <typename scalar_t, typename acc_t, int VEC, int GROUP>
   struct Forward {
     static void run(const WeightedParams<scalar_t, target_t, acc_t>& p) {
-      weighted_ce_forward_kernel<scalar_t, target_t, acc_t, VEC, GROUP>
-          <<<grid_for(p.B, GROUP), block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_groups<GROUP>(weighted_ce_forward_kernel<scalar_t, target_t, acc_t, VEC, GROUP>, p.B,
+                           p);
     }
   };
   template <typename scalar_t, typename acc_t, int VEC, int GROUP>
   struct Backward {
     static void run(const WeightedParams<scalar_t, target_t, acc_t>& p) {
-      weighted_ce_backward_kernel<scalar_t, target_t, acc_t, VEC, GROUP>
-          <<<grid_for(p.B * p.k, GROUP), block_threads(GROUP), 0,
-             c10::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_groups<GROUP>(weighted_ce_backward_kernel<scalar_t, target_t, acc_t, VEC, GROUP>,
+                           p.B * p.k, p);
     }
   };
 };
@@ -526,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
       p.weight = out.weight.mutable_data_ptr<acc_t>();
       p.dradius = rad.defined() ? out.dradius.mutable_data_ptr<acc_t>() : nullptr;
       p.index_out = out.index.mutable_data_ptr<int64_t>();
-      launch_configured<scalar_t, WeightedLaunch<target_t>::template Forward>(weighted_aligned(p),
+      launch_row_kernel<scalar_t, WeightedLaunch<target_t>::template Forward>(weighted_aligned(p),
                                                                               p.C, p);
     });
     return out.as_tuple();
@@ -553,7 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
             out.index.mutable_data_ptr<int64_t>()};
         const bool aligned =
             aligned_for(p.logits, p.stride_b, p.stride_k, max_vec<scalar_t>(), sizeof(scalar_t));
-        launch_configured<scalar_t, ForwardLauncher>(aligned, p.C, p);
+        launch_row_kernel<scalar_t, ForwardLauncher>(aligned, p.C, p);
       });
   return out.as_tuple();
 }
@@ -588,7 +548,7 @@ at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
       const bool aligned =
           weighted_aligned(p) && aligned_for(p.grad, p.grad_stride_b, p.grad_stride_k,
                                              max_vec<scalar_t>(), sizeof(scalar_t));
-      launch_configured<scalar_t, WeightedLaunch<target_t>::template Backward>(aligned, p.C, p);
+      launch_row_kernel<scalar_t, WeightedLaunch<target_t>::template Backward>(aligned, p.C, p);
     });
     return grad;
   }
@@ -615,7 +575,7 @@ at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
         const bool aligned =
             aligned_for(p.logits, p.stride_b, p.stride_k, kVec, sizeof(scalar_t)) &&
             aligned_for(p.grad, p.grad_stride_b, p.grad_stride_k, kVec, sizeof(scalar_t));
-        launch_configured<scalar_t, BackwardLauncher>(aligned, p.C, p);
+        launch_row_kernel<scalar_t, BackwardLauncher>(aligned, p.C, p);
       });
   return grad;
 }
