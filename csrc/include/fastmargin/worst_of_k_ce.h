@@ -10,7 +10,7 @@
 // (B, C) shared by the k copies or (B, k, C) one row per copy (class dim contiguous, other
 // strides arbitrary). Optional class_weight: (C,) in the statistics dtype. Either one selects
 // the weighted path (ce_weighted_math.h); index targets without class weights keep the
-// original kernels unchanged.
+// original (plain) arithmetic unchanged.
 #pragma once
 
 #include <ATen/Dispatch.h>
