@@ -52,8 +52,6 @@ constexpr int64_t kWarpMaxElems = 1024;  // examples up to this size get a warp 
 constexpr int kBlock = 512;              // threads of a block-sized group
 constexpr int64_t kMinChunk = 16384;     // smallest chunk worth a block of its own (split mode)
 
-constexpr int block_threads(int group) { return group > 256 ? group : 256; }
-
 enum class Phase { kFused, kReduce, kApply };
 
 template <typename scalar_t, typename delta_t, typename acc_t>
@@ -68,23 +66,6 @@ struct Params {
   int64_t B, N, chunks, chunk_len;
   bool reduce;  // backward: whether <g, delta> is needed (grad_u wanted)
 };
-
-template <int GROUP, typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
-#pragma unroll
-  for (int mask = kWarp / 2; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
-  if constexpr (GROUP > kWarp) {
-    constexpr int kWarps = GROUP / kWarp;
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    if (lane == 0) smem[warp] = v;
-    __syncthreads();
-    v = lane < kWarps ? smem[lane] : acc_t(0);
-#pragma unroll
-    for (int mask = kWarp / 2; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
-    __syncthreads();
-  }
-  return v;
-}
 
 // This thread's share of sum_i a_i * c_i over [0, len) (SQUARE: sum_i a_i^2).
 template <bool SQUARE, int VEC, int GROUP, typename acc_t, typename a_t, typename c_t>
@@ -171,12 +152,11 @@ __device__ __forceinline__ void apply_backward(const scalar_t* g, const scalar_t
 
 template <typename scalar_t, typename delta_t, typename acc_t, int VEC, int GROUP, bool BACKWARD,
           Phase PHASE>
-__global__ void __launch_bounds__(block_threads(GROUP))
+__global__ void __launch_bounds__(row_block_threads(GROUP))
     all_layer_perturb_kernel(Params<scalar_t, delta_t, acc_t> p) {
-  __shared__ acc_t smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
+  __shared__ SumStat<acc_t> smem[row_block_threads(GROUP) / kWarp];
+  const int64_t item = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
   if (item >= p.B * p.chunks) return;  // uniform per group
   const int64_t b = item / p.chunks, c = item % p.chunks;
   const int64_t lo = c * p.chunk_len;
@@ -216,11 +196,9 @@ __global__ void __launch_bounds__(block_threads(GROUP))
 template <typename scalar_t, typename delta_t, typename acc_t, int VEC, int GROUP, bool BACKWARD,
           Phase PHASE>
 void launch_phase(const Params<scalar_t, delta_t, acc_t>& p) {
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t grid = (p.B * p.chunks + kGroups - 1) / kGroups;
-  all_layer_perturb_kernel<scalar_t, delta_t, acc_t, VEC, GROUP, BACKWARD, PHASE>
-      <<<grid, block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_groups<GROUP>(
+      all_layer_perturb_kernel<scalar_t, delta_t, acc_t, VEC, GROUP, BACKWARD, PHASE>,
+      p.B * p.chunks, p);
 }
 
 template <typename scalar_t, typename delta_t, typename acc_t, int VEC, bool BACKWARD>

@@ -25,7 +25,6 @@
 #include <torch/library.h>
 
 #include "fastmargin/cuda_utils.cuh"
-#include "fastmargin/group_reduce.cuh"
 #include "fastmargin/margin.h"
 #include "fastmargin/margin_math.h"
 
@@ -62,10 +61,9 @@ template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 __global__ void __launch_bounds__(row_block_threads(GROUP))
     margin_forward_kernel(MarginForwardParams<scalar_t, acc_t> p) {
   __shared__ RunnerUp<acc_t> smem[row_block_threads(GROUP) / kWarp];
-  constexpr int kGroups = row_block_threads(GROUP) / GROUP;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
-  if (n >= p.N) return;  // uniform per group; block-sized groups have kGroups == 1
+  const int64_t n = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
+  if (n >= p.N) return;  // uniform per group (see group_item)
 
   const int64_t y = p.target[n];
   if (!valid_class(y, p.C)) {
@@ -102,9 +100,8 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 __global__ void __launch_bounds__(row_block_threads(GROUP))
     margin_backward_kernel(MarginBackwardParams<scalar_t, acc_t> p) {
-  constexpr int kGroups = row_block_threads(GROUP) / GROUP;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
+  const int64_t n = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
   if (n >= p.N) return;
   const int64_t y = p.target[n];
   // Invalid target: the forward gave NaN, so does the gradient (y, r = -1 then match no class).
@@ -133,20 +130,14 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 struct MarginForwardLauncher {
   static void run(const MarginForwardParams<scalar_t, acc_t>& p) {
-    margin_forward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<row_grid(p.N, GROUP), row_block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(
-            p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_groups<GROUP>(margin_forward_kernel<scalar_t, acc_t, VEC, GROUP>, p.N, p);
   }
 };
 
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 struct MarginBackwardLauncher {
   static void run(const MarginBackwardParams<scalar_t, acc_t>& p) {
-    margin_backward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<row_grid(p.N, GROUP), row_block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(
-            p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_groups<GROUP>(margin_backward_kernel<scalar_t, acc_t, VEC, GROUP>, p.N, p);
   }
 };
 

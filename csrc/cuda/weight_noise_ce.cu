@@ -52,11 +52,7 @@
 namespace fastmargin {
 namespace {
 
-constexpr int64_t kWarpRowMaxClasses = 2048;
-constexpr int kLargeBlock = 512;
 constexpr int kCopyChunk = 8;  // copies whose statistics one sweep keeps in registers
-
-constexpr int block_threads(int group_threads) { return group_threads > 256 ? group_threads : 256; }
 
 // Classes per tile: whole Philox blocks (4 normals) and whole vectors.
 constexpr int tile_of(int vec) { return vec > 4 ? vec : 4; }
@@ -116,37 +112,18 @@ __device__ __forceinline__ void tile_noise(const NoiseKey& key, int64_t n, int64
   }
 }
 
-// Sum over the group; every thread gets it. `smem` holds one value per warp for block groups.
-template <int GROUP_THREADS, typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
-#pragma unroll
-  for (int mask = kWarp / 2; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
-  if constexpr (GROUP_THREADS > kWarp) {
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    constexpr int kWarps = GROUP_THREADS / kWarp;
-    if (lane == 0) smem[warp] = v;
-    __syncthreads();
-    v = lane < kWarps ? smem[lane] : acc_t(0);
-#pragma unroll
-    for (int mask = kWarp / 2; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
-    __syncthreads();
-  }
-  return v;
-}
-
 // minBlocks = 1 lets ptxas use ~100 registers for the 8 copies' statistics and the Philox state:
 // without it, ptxas sm_90 capped the float kernels at 64-80 registers and spilled (checked with
 // -Xptxas -v); with it there are no spills and no stack frame. Occupancy vs spills is a
 // tuning knob for the benchmark.
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP), 1)
+__global__ void __launch_bounds__(row_block_threads(GROUP), 1)
     weight_noise_ce_forward_kernel(ForwardParams<scalar_t, acc_t> p) {
   constexpr int TILE = tile_of(VEC);
-  __shared__ RowStats<acc_t> smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
-  if (n >= p.N) return;  // uniform per group; block-sized groups have kGroups == 1
+  __shared__ RowStats<acc_t> smem[row_block_threads(GROUP) / kWarp];
+  const int64_t n = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
+  if (n >= p.N) return;  // uniform per group (see group_item)
 
   const int64_t y = p.target[n];
   const TargetKind kind = classify_target(y, p.ignore_index, p.C);
@@ -232,13 +209,12 @@ __global__ void __launch_bounds__(block_threads(GROUP), 1)
 }
 
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
+__global__ void __launch_bounds__(row_block_threads(GROUP))
     weight_noise_ce_backward_kernel(BackwardParams<scalar_t, acc_t> p) {
   constexpr int TILE = tile_of(VEC);
-  __shared__ acc_t smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
+  __shared__ SumStat<acc_t> smem[row_block_threads(GROUP) / kWarp];
+  const int64_t n = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
   if (n >= p.N) return;  // uniform per group
 
   // Copies with non-zero weight lie in [j_lo, j_hi] (tau = 0: one copy; ignored: none, and
@@ -333,44 +309,17 @@ __global__ void weight_noise_normal_kernel(const int64_t* philox, float* out, in
   }
 }
 
-// Picks the vector width (16 bytes when every row start is aligned) and the group size
-// (warp per row for short rows, block per row for long ones), then launches.
-template <typename scalar_t, template <typename, typename, int, int> class Launcher, typename P>
-void launch_configured(bool aligned, int64_t C, const P& p) {
-  constexpr int kVec = max_vec<scalar_t>();
-  using acc_t = at::opmath_type<scalar_t>;
-  const bool small = C <= kWarpRowMaxClasses;
-  if (aligned && small) {
-    Launcher<scalar_t, acc_t, kVec, kWarp>::run(p);
-  } else if (aligned) {
-    Launcher<scalar_t, acc_t, kVec, kLargeBlock>::run(p);
-  } else if (small) {
-    Launcher<scalar_t, acc_t, 1, kWarp>::run(p);
-  } else {
-    Launcher<scalar_t, acc_t, 1, kLargeBlock>::run(p);
-  }
-}
-
-int64_t grid_for(int64_t rows, int group_threads) {
-  const int64_t groups_per_block = block_threads(group_threads) / group_threads;
-  return (rows + groups_per_block - 1) / groups_per_block;
-}
-
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 struct ForwardLauncher {
   static void run(const ForwardParams<scalar_t, acc_t>& p) {
-    weight_noise_ce_forward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<grid_for(p.N, GROUP), block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_groups<GROUP>(weight_noise_ce_forward_kernel<scalar_t, acc_t, VEC, GROUP>, p.N, p);
   }
 };
 
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 struct BackwardLauncher {
   static void run(const BackwardParams<scalar_t, acc_t>& p) {
-    weight_noise_ce_backward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<grid_for(p.N, GROUP), block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_groups<GROUP>(weight_noise_ce_backward_kernel<scalar_t, acc_t, VEC, GROUP>, p.N, p);
   }
 };
 
@@ -403,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_noise_ce_fwd_c
                                          out.index.mutable_data_ptr<int64_t>()};
         const bool aligned =
             aligned_for(p.logits, p.stride_n, p.stride_n, max_vec<scalar_t>(), sizeof(scalar_t));
-        launch_configured<scalar_t, ForwardLauncher>(aligned, p.C, p);
+        launch_row_kernel<scalar_t, ForwardLauncher>(aligned, p.C, p);
       });
   return out.as_tuple();
 }
@@ -442,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor> weight_noise_ce_bwd_cuda(
         const bool aligned =
             aligned_for(p.logits, p.stride_n, p.stride_n, kVec, sizeof(scalar_t)) &&
             aligned_for(p.grad, p.grad_stride_n, p.grad_stride_n, kVec, sizeof(scalar_t));
-        launch_configured<scalar_t, BackwardLauncher>(aligned, p.C, p);
+        launch_row_kernel<scalar_t, BackwardLauncher>(aligned, p.C, p);
       });
   return {grad, grad_scale};
 }

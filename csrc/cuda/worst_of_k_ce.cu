@@ -11,6 +11,10 @@
 // (unselected copies with tau = 0, ignored samples) are written as zeros without reading logits.
 // The target's -(1 - eps) is applied in fp32 before rounding to the logits dtype.
 //
+// Both target paths run the same two kernels, templated on WEIGHTED: the plain path (index
+// target, no class weights; WEIGHTED = false) keeps the plain CE arithmetic of ce_math.h, the
+// weighted path (class weights and/or probability targets) the a_c form of ce_weighted_math.h.
+//
 // Byte model (s = bytes per logit, N = B*k rows of C):
 //   forward:  read N*C*s                     (+ O(N) statistics)
 //   backward: read B*C*s (tau = 0: only the selected rows) or N*C*s (tau > 0), write N*C*s
@@ -41,6 +45,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "fastmargin/ce_math.h"
 #include "fastmargin/cuda_utils.cuh"
 #include "fastmargin/cuda_weighted.cuh"
@@ -49,177 +55,40 @@
 namespace fastmargin {
 namespace {
 
-// Rows of at most this many classes get a warp each; longer rows get a whole block.
-constexpr int64_t kWarpRowMaxClasses = 2048;
-constexpr int kLargeBlock = 512;
-
-constexpr int block_threads(int group_threads) { return group_threads > 256 ? group_threads : 256; }
-
+// Parameter blocks. The plain path (index target, no class weights) keeps its own small
+// forward and backward blocks, as before the two paths shared their kernels: a larger kernel
+// parameter block changes nvcc's code generation (parameters addressed through a pointer, loops
+// not unswitched), and the plain path is meant to compile as it did. The weighted path (class
+// weights and/or probability targets) uses one block for both passes. Fields that both paths
+// read have the same names.
 template <typename scalar_t, typename acc_t>
-struct ForwardParams {
+struct PlainForwardParams {
+  static constexpr bool kWeighted = false;
   const scalar_t* logits;
   int64_t B, k, C, stride_b, stride_k;
-  const int64_t* target;
+  const int64_t* index;
   const acc_t* radius;  // nullptr: plain CE
   acc_t tau, eps;
   int64_t ignore_index;
   acc_t *loss, *lse, *weight, *dradius;
-  int64_t* index;
+  int64_t* index_out;
 };
 
 template <typename scalar_t, typename acc_t>
-struct BackwardParams {
+struct PlainBackwardParams {
+  static constexpr bool kWeighted = false;
   const scalar_t* logits;
   scalar_t* grad;
   int64_t B, k, C, stride_b, stride_k, grad_stride_b, grad_stride_k;
-  const int64_t* target;
+  const int64_t* index;
   const acc_t* radius;
-  const acc_t *grad_loss, *lse, *weight;
+  const acc_t *grad_loss, *lse_in, *weight_in;
   acc_t eps;
 };
 
-// This thread's partial statistics of one robust row z~; `t` is its rank within the group.
-template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-__device__ __forceinline__ RowStats<acc_t> thread_row_stats(const scalar_t* row, int64_t C,
-                                                            int64_t y, acc_t r, bool want_sum,
-                                                            int t) {
-  RowStats<acc_t> st = RowStats<acc_t>::empty();
-  const int64_t nvec = C / VEC;
-  const auto* vrow = reinterpret_cast<const Vec<scalar_t, VEC>*>(row);
-#pragma unroll 4
-  for (int64_t i = t; i < nvec; i += GROUP) {
-    const Vec<scalar_t, VEC> v = vrow[i];
-    acc_t x[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) x[e] = robust_logit(acc_t(v.v[e]), i * VEC + e == y, r);
-    st.add(x, want_sum);
-  }
-  for (int64_t c = nvec * VEC + t; c < C; c += GROUP) {
-    st.add(robust_logit(acc_t(row[c]), c == y, r), want_sum);
-  }
-  return st;
-}
-
-template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
-    worst_of_k_ce_forward_kernel(ForwardParams<scalar_t, acc_t> p) {
-  __shared__ RowStats<acc_t> smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
-  if (b >= p.B) return;  // uniform per group; block-sized groups have kGroups == 1
-
-  const int64_t y = p.target[b];
-  const TargetKind kind = classify_target(y, p.ignore_index, p.C);
-  acc_t* lse_b = p.lse + b * p.k;
-  acc_t* w_b = p.weight + b * p.k;
-  if (kind != TargetKind::kClass) {
-    // Ignored: contributes 0 with zero gradient. Invalid: NaN row, logits never read.
-    const acc_t fill = kind == TargetKind::kIgnored ? acc_t(0) : quiet_nan<acc_t>();
-    for (int64_t j = t; j < p.k; j += GROUP) lse_b[j] = w_b[j] = fill;
-    if (t == 0) {
-      p.loss[b] = fill;
-      p.index[b] = 0;
-      if (p.dradius) p.dradius[b] = fill;
-    }
-    return;
-  }
-
-  const acc_t r = p.radius ? p.radius[b] : acc_t(0);
-  const bool want_sum = p.eps != acc_t(0);
-  const scalar_t* sample = p.logits + b * p.stride_b;
-  CopyReducer<acc_t> red = CopyReducer<acc_t>::start();  // meaningful in the leader only
-  for (int64_t j = 0; j < p.k; ++j) {
-    const scalar_t* row = sample + j * p.stride_k;
-    RowStats<acc_t> st = thread_row_stats<scalar_t, acc_t, VEC, GROUP>(row, p.C, y, r, want_sum, t);
-    st = group_merge<GROUP>(st, smem);
-    if (t == 0) {
-      const acc_t row_lse = st.lse();
-      // The per-copy loss waits in the weight buffer until all k copies are known.
-      const acc_t ce =
-          ce_from_stats(row_lse, robust_logit(acc_t(row[y]), true, r), st.sumz, p.eps, p.C);
-      lse_b[j] = row_lse;
-      w_b[j] = ce;
-      red.add(j, ce, p.tau);
-    }
-  }
-  if (t != 0) return;
-  p.loss[b] = red.loss(p.k, p.tau);
-  p.index[b] = red.best_index;
-  acc_t dr = acc_t(0);
-  for (int64_t j = 0; j < p.k; ++j) {
-    const acc_t w = red.weight(j, w_b[j], p.tau);
-    w_b[j] = w;
-    if (p.dradius && w != acc_t(0)) {
-      const acc_t zy = robust_logit(acc_t(sample[j * p.stride_k + y]), true, r);
-      dr += w * dce_dradius(lse_b[j], zy, p.eps, p.C);
-    }
-  }
-  if (p.dradius) p.dradius[b] = dr;
-}
-
-// This thread's share of writing `value` into every element of a row.
-template <typename scalar_t, int VEC, int GROUP>
-__device__ __forceinline__ void fill_row(scalar_t* out, int64_t C, scalar_t value, int t) {
-  Vec<scalar_t, VEC> fill;
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) fill.v[e] = value;
-  auto* vout = reinterpret_cast<Vec<scalar_t, VEC>*>(out);
-  const int64_t nvec = C / VEC;
-  for (int64_t i = t; i < nvec; i += GROUP) vout[i] = fill;
-  for (int64_t c = nvec * VEC + t; c < C; c += GROUP) out[c] = value;
-}
-
-template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
-    worst_of_k_ce_backward_kernel(BackwardParams<scalar_t, acc_t> p) {
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
-  if (row_id >= p.B * p.k) return;
-  const int64_t b = row_id / p.k, j = row_id % p.k;
-  scalar_t* out = p.grad + b * p.grad_stride_b + j * p.grad_stride_k;
-  auto* vout = reinterpret_cast<Vec<scalar_t, VEC>*>(out);
-  const int64_t nvec = p.C / VEC;
-  const acc_t w = p.weight[row_id];
-
-  if (w == acc_t(0)) {  // unselected copy or ignored sample: zeros, logits not read
-    fill_row<scalar_t, VEC, GROUP>(out, p.C, scalar_t(0), t);
-    return;
-  }
-
-  const scalar_t* row = p.logits + b * p.stride_b + j * p.stride_k;
-  const auto* vrow = reinterpret_cast<const Vec<scalar_t, VEC>*>(row);
-  const int64_t y = p.target[b];  // may be invalid (weight NaN): then c == y never holds
-  const acc_t r = p.radius ? p.radius[b] : acc_t(0);
-  const acc_t scale = w * p.grad_loss[b], row_lse = p.lse[row_id];
-  const acc_t eps_over_c = p.eps / acc_t(p.C);
-#pragma unroll 4
-  for (int64_t i = t; i < nvec; i += GROUP) {
-    const Vec<scalar_t, VEC> v = vrow[i];
-    Vec<scalar_t, VEC> g;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const bool is_y = i * VEC + e == y;
-      g.v[e] = static_cast<scalar_t>(
-          ce_grad(robust_logit(acc_t(v.v[e]), is_y, r), is_y, row_lse, p.eps, eps_over_c, scale));
-    }
-    vout[i] = g;
-  }
-  for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) {
-    const bool is_y = c == y;
-    out[c] = static_cast<scalar_t>(
-        ce_grad(robust_logit(acc_t(row[c]), is_y, r), is_y, row_lse, p.eps, eps_over_c, scale));
-  }
-}
-
-// ---- Weighted path: class weights and/or probability (soft) targets --------------------
-// Same structure as the kernels above; the per-class coefficients a_c (ce_weighted_math.h)
-// are formed in registers from the class weights (a (C,) vector, cache-resident) and, for
-// soft targets, the target row, read with the same 16-byte vector loads in the same sweep.
-
 template <typename scalar_t, typename target_t, typename acc_t>
 struct WeightedParams {
+  static constexpr bool kWeighted = true;
   const scalar_t* logits;
   int64_t B, k, C, stride_b, stride_k;
   const int64_t* index;  // index targets, or nullptr
@@ -244,6 +113,46 @@ struct WeightedParams {
     return {logits + b * stride_b + j * stride_k, p, y, r, coef};
   }
 };
+
+// The parameter blocks of a path (target_t: the soft target's dtype; unused by the plain path).
+template <bool WEIGHTED, typename scalar_t, typename target_t, typename acc_t>
+using ForwardParams = std::conditional_t<WEIGHTED, WeightedParams<scalar_t, target_t, acc_t>,
+                                         PlainForwardParams<scalar_t, acc_t>>;
+template <bool WEIGHTED, typename scalar_t, typename target_t, typename acc_t>
+using BackwardParams = std::conditional_t<WEIGHTED, WeightedParams<scalar_t, target_t, acc_t>,
+                                          PlainBackwardParams<scalar_t, acc_t>>;
+
+// The statistics one group merges per copy: (max, sum-exp, sum z~) for the plain CE, (max,
+// sum-exp, A, D) for the weighted one.
+template <bool WEIGHTED, typename acc_t>
+using CopyStats = std::conditional_t<WEIGHTED, WeightedRowStats<acc_t>, RowStats<acc_t>>;
+
+// This thread's partial statistics of one robust row z~; `t` is its rank within the group.
+template <typename scalar_t, typename acc_t, int VEC, int GROUP>
+__device__ __forceinline__ RowStats<acc_t> thread_row_stats(const scalar_t* row, int64_t C,
+                                                            int64_t y, acc_t r, bool want_sum,
+                                                            int t) {
+  RowStats<acc_t> st = RowStats<acc_t>::empty();
+  const int64_t nvec = C / VEC;
+  const auto* vrow = reinterpret_cast<const Vec<scalar_t, VEC>*>(row);
+#pragma unroll 4
+  for (int64_t i = t; i < nvec; i += GROUP) {
+    const Vec<scalar_t, VEC> v = vrow[i];
+    acc_t x[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) x[e] = robust_logit(acc_t(v.v[e]), i * VEC + e == y, r);
+    st.add(x, want_sum);
+  }
+  for (int64_t c = nvec * VEC + t; c < C; c += GROUP) {
+    st.add(robust_logit(acc_t(row[c]), c == y, r), want_sum);
+  }
+  return st;
+}
+
+// ---- Weighted path: class weights and/or probability (soft) targets --------------------
+// The per-class coefficients a_c (ce_weighted_math.h) are formed in registers from the class
+// weights (a (C,) vector, cache-resident) and, for soft targets, the target row, read with the
+// same 16-byte vector loads in the same sweep.
 
 // Robust logits x and coefficients a of vector i (elements i*VEC .. i*VEC+VEC-1) of a row.
 template <int VEC, typename scalar_t, typename target_t, typename acc_t>
@@ -282,19 +191,20 @@ __device__ __forceinline__ WeightedRowStats<acc_t> thread_weighted_stats(
   return st;
 }
 
-template <typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
-    weighted_ce_forward_kernel(WeightedParams<scalar_t, target_t, acc_t> p) {
-  __shared__ WeightedRowStats<acc_t> smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
-  if (b >= p.B) return;  // uniform per group; block-sized groups have kGroups == 1
+// Forward: one group per sample walks its k rows; the leader reduces the k per-copy losses.
+template <bool WEIGHTED, typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
+__global__ void __launch_bounds__(row_block_threads(GROUP))
+    worst_of_k_ce_forward_kernel(ForwardParams<WEIGHTED, scalar_t, target_t, acc_t> p) {
+  using Stats = CopyStats<WEIGHTED, acc_t>;
+  __shared__ Stats smem[row_block_threads(GROUP) / kWarp];
+  const int64_t b = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
+  if (b >= p.B) return;  // uniform per group (see group_item)
 
   acc_t* lse_b = p.lse + b * p.k;
   acc_t* w_b = p.weight + b * p.k;
-  int64_t y = -1;
-  if (p.index) {
+  int64_t y = -1;  // soft targets: no class is "the target"
+  if (!WEIGHTED || p.index) {
     y = p.index[b];
     const TargetKind kind = classify_target(y, p.ignore_index, p.C);
     if (kind != TargetKind::kClass) {
@@ -309,19 +219,35 @@ __global__ void __launch_bounds__(block_threads(GROUP))
       return;
     }
   }
+
   const acc_t r = p.radius ? p.radius[b] : acc_t(0);
+  [[maybe_unused]] bool want_sum = false;  // plain path: sum z~ only feeds the smoothing term
+  if constexpr (!WEIGHTED) want_sum = p.eps != acc_t(0);
+  const scalar_t* sample = p.logits + b * p.stride_b;
   CopyReducer<acc_t> red = CopyReducer<acc_t>::start();  // meaningful in the leader only
-  acc_t asum = acc_t(0);  // A of an index-target row: the same for every copy
+  [[maybe_unused]] acc_t asum = acc_t(0);  // weighted: A of an index-target row (every copy)
   for (int64_t j = 0; j < p.k; ++j) {
-    const WeightedRow<scalar_t, target_t, acc_t> row = p.row(b, j, y, r);
-    WeightedRowStats<acc_t> st =
-        thread_weighted_stats<scalar_t, target_t, acc_t, VEC, GROUP>(row, p.C, t);
-    st = group_merge_stats<GROUP>(st, smem);
+    [[maybe_unused]] const scalar_t* row = sample + j * p.stride_k;
+    Stats st;
+    if constexpr (WEIGHTED) {
+      st = thread_weighted_stats<scalar_t, target_t, acc_t, VEC, GROUP>(p.row(b, j, y, r), p.C, t);
+    } else {
+      st = thread_row_stats<scalar_t, acc_t, VEC, GROUP>(row, p.C, y, r, want_sum, t);
+    }
+    st = group_reduce<GROUP>(st, smem, Stats::empty());
     if (t == 0) {
-      lse_b[j] = st.lse();
-      w_b[j] = st.loss();  // the per-copy loss waits here until all k copies are known
-      asum = st.asum;
-      red.add(j, w_b[j], p.tau);
+      const acc_t row_lse = st.lse();
+      acc_t ce;
+      if constexpr (WEIGHTED) {
+        ce = st.loss();
+        asum = st.asum;
+      } else {
+        ce = ce_from_stats(row_lse, robust_logit(acc_t(row[y]), true, r), st.sumz, p.eps, p.C);
+      }
+      // The per-copy loss waits in the weight buffer until all k copies are known.
+      lse_b[j] = row_lse;
+      w_b[j] = ce;
+      red.add(j, ce, p.tau);
     }
   }
   if (t != 0) return;
@@ -332,20 +258,35 @@ __global__ void __launch_bounds__(block_threads(GROUP))
     const acc_t w = red.weight(j, w_b[j], p.tau);
     w_b[j] = w;
     if (p.dradius && w != acc_t(0)) {
-      const acc_t zy = robust_logit(acc_t(p.logits[b * p.stride_b + j * p.stride_k + y]), true, r);
-      dr += w * weighted_dce_dradius(lse_b[j], zy, p.coef(acc_t(1), y), asum);
+      const acc_t zy = robust_logit(acc_t(sample[j * p.stride_k + y]), true, r);
+      if constexpr (WEIGHTED) {
+        dr += w * weighted_dce_dradius(lse_b[j], zy, p.coef(acc_t(1), y), asum);
+      } else {
+        dr += w * dce_dradius(lse_b[j], zy, p.eps, p.C);
+      }
     }
   }
   if (p.dradius) p.dradius[b] = dr;
 }
 
-template <typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
-__global__ void __launch_bounds__(block_threads(GROUP))
-    weighted_ce_backward_kernel(WeightedParams<scalar_t, target_t, acc_t> p) {
-  __shared__ SumStat<acc_t> smem[block_threads(GROUP) / kWarp];
-  constexpr int kGroups = block_threads(GROUP) / GROUP;
-  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / GROUP;
-  const int t = threadIdx.x % GROUP;
+// This thread's share of writing `value` into every element of a row.
+template <typename scalar_t, int VEC, int GROUP>
+__device__ __forceinline__ void fill_row(scalar_t* out, int64_t C, scalar_t value, int t) {
+  Vec<scalar_t, VEC> fill;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) fill.v[e] = value;
+  auto* vout = reinterpret_cast<Vec<scalar_t, VEC>*>(out);
+  const int64_t nvec = C / VEC;
+  for (int64_t i = t; i < nvec; i += GROUP) vout[i] = fill;
+  for (int64_t c = nvec * VEC + t; c < C; c += GROUP) out[c] = value;
+}
+
+// Backward: one group per row writes the gradient of every row.
+template <bool WEIGHTED, typename scalar_t, typename target_t, typename acc_t, int VEC, int GROUP>
+__global__ void __launch_bounds__(row_block_threads(GROUP))
+    worst_of_k_ce_backward_kernel(BackwardParams<WEIGHTED, scalar_t, target_t, acc_t> p) {
+  const int64_t row_id = group_item<GROUP>();
+  const int t = group_rank<GROUP>();
   if (row_id >= p.B * p.k) return;
   const int64_t b = row_id / p.k, j = row_id % p.k;
   scalar_t* out = p.grad + b * p.grad_stride_b + j * p.grad_stride_k;
@@ -354,152 +295,164 @@ __global__ void __launch_bounds__(block_threads(GROUP))
     fill_row<scalar_t, VEC, GROUP>(out, p.C, scalar_t(0), t);
     return;
   }
-  const int64_t y = p.index ? p.index[b] : -1;
-  if (p.index && (y < 0 || y >= p.C)) {  // invalid index target (weight is NaN): NaN row
-    fill_row<scalar_t, VEC, GROUP>(out, p.C, static_cast<scalar_t>(quiet_nan<acc_t>()), t);
-    return;
-  }
-  const WeightedRow<scalar_t, target_t, acc_t> row =
-      p.row(b, j, y, p.radius ? p.radius[b] : acc_t(0));
-  const int64_t nvec = p.C / VEC;
-  // A = sum_c a_c: a pre-pass over the target row and class weights only (the row is then
-  // re-read from L2); with an index target and no smoothing A is a_y.
-  acc_t asum;
-  if (p.need_asum) {
-    SumStat<acc_t> part{acc_t(0)};
-    for (int64_t i = t; i < nvec; i += GROUP) {
-      if (row.p) {
-        const Vec<target_t, VEC> tv = reinterpret_cast<const Vec<target_t, VEC>*>(row.p)[i];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) part.v += row.coef(static_cast<acc_t>(tv.v[e]), i * VEC + e);
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) part.v += row.a(i * VEC + e);
-      }
+
+  // Plain path: the index may be invalid (weight NaN): then c == y never holds and the NaN
+  // weight makes the row NaN. The weighted path must not read w_y for it, so it writes NaN.
+  const int64_t y = !WEIGHTED || p.index ? p.index[b] : int64_t(-1);
+  if constexpr (WEIGHTED) {
+    if (p.index && (y < 0 || y >= p.C)) {
+      fill_row<scalar_t, VEC, GROUP>(out, p.C, static_cast<scalar_t>(quiet_nan<acc_t>()), t);
+      return;
     }
-    for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) part.v += row.a(c);
-    asum = group_merge_stats<GROUP>(part, smem).v;
-  } else {
-    asum = row.coef(acc_t(1), y);
+  }
+  const acc_t r = p.radius ? p.radius[b] : acc_t(0);
+  const scalar_t* zrow = p.logits + b * p.stride_b + j * p.stride_k;
+  const int64_t nvec = p.C / VEC;
+  // The weighted math's view of the row (only the weighted block has targets and coefficients).
+  [[maybe_unused]] WeightedRow<scalar_t, target_t, acc_t> row{};
+  if constexpr (WEIGHTED) row = p.row(b, j, y, r);
+  // Weighted: A = sum_c a_c, a pre-pass over the target row and class weights only (the row is
+  // then re-read from L2); with an index target and no smoothing A is a_y.
+  [[maybe_unused]] acc_t asum = acc_t(0);
+  if constexpr (WEIGHTED) {
+    __shared__ SumStat<acc_t> smem[row_block_threads(GROUP) / kWarp];
+    if (p.need_asum) {
+      SumStat<acc_t> part{acc_t(0)};
+      for (int64_t i = t; i < nvec; i += GROUP) {
+        if (row.p) {
+          const Vec<target_t, VEC> tv = reinterpret_cast<const Vec<target_t, VEC>*>(row.p)[i];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            part.v += row.coef(static_cast<acc_t>(tv.v[e]), i * VEC + e);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) part.v += row.a(i * VEC + e);
+        }
+      }
+      for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) part.v += row.a(c);
+      asum = group_reduce<GROUP>(part, smem, SumStat<acc_t>::empty()).v;
+    } else {
+      asum = row.coef(acc_t(1), y);
+    }
   }
   const acc_t scale = w * p.grad_loss[b], row_lse = p.lse_in[row_id];
+  [[maybe_unused]] acc_t eps_over_c = acc_t(0);
+  if constexpr (!WEIGHTED) eps_over_c = p.eps / acc_t(p.C);
+  [[maybe_unused]] const auto* vrow = reinterpret_cast<const Vec<scalar_t, VEC>*>(zrow);
   auto* vout = reinterpret_cast<Vec<scalar_t, VEC>*>(out);
 #pragma unroll 4
   for (int64_t i = t; i < nvec; i += GROUP) {
-    acc_t x[VEC], a[VEC];
-    load_weighted_vec<VEC>(row, i, x, a);
     Vec<scalar_t, VEC> g;
+    if constexpr (WEIGHTED) {
+      acc_t x[VEC], a[VEC];
+      load_weighted_vec<VEC>(row, i, x, a);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      g.v[e] = static_cast<scalar_t>(weighted_ce_grad(x[e], a[e], row_lse, asum, scale));
+      for (int e = 0; e < VEC; ++e) {
+        g.v[e] = static_cast<scalar_t>(weighted_ce_grad(x[e], a[e], row_lse, asum, scale));
+      }
+    } else {
+      const Vec<scalar_t, VEC> v = vrow[i];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const bool is_y = i * VEC + e == y;
+        g.v[e] = static_cast<scalar_t>(
+            ce_grad(robust_logit(acc_t(v.v[e]), is_y, r), is_y, row_lse, p.eps, eps_over_c, scale));
+      }
     }
     vout[i] = g;
   }
   for (int64_t c = nvec * VEC + t; c < p.C; c += GROUP) {
-    out[c] = static_cast<scalar_t>(weighted_ce_grad(row.logit(c), row.a(c), row_lse, asum, scale));
+    if constexpr (WEIGHTED) {
+      out[c] =
+          static_cast<scalar_t>(weighted_ce_grad(row.logit(c), row.a(c), row_lse, asum, scale));
+    } else {
+      const bool is_y = c == y;
+      out[c] = static_cast<scalar_t>(
+          ce_grad(robust_logit(acc_t(zrow[c]), is_y, r), is_y, row_lse, p.eps, eps_over_c, scale));
+    }
   }
 }
 
-// Picks the vector width (16 bytes when every row start is aligned) and the group size
-// (warp per row for short rows, block per row for long ones), then launches.
-template <typename scalar_t, template <typename, typename, int, int> class Launcher, typename... A>
-void launch_configured(bool aligned, int64_t C, A&&... args) {
-  constexpr int kVec = max_vec<scalar_t>();
-  const bool small = C <= kWarpRowMaxClasses;
-  if (aligned && small) {
-    Launcher<scalar_t, at::opmath_type<scalar_t>, kVec, kWarp>::run(args...);
-  } else if (aligned) {
-    Launcher<scalar_t, at::opmath_type<scalar_t>, kVec, kLargeBlock>::run(args...);
-  } else if (small) {
-    Launcher<scalar_t, at::opmath_type<scalar_t>, 1, kWarp>::run(args...);
-  } else {
-    Launcher<scalar_t, at::opmath_type<scalar_t>, 1, kLargeBlock>::run(args...);
-  }
-}
-
-int64_t grid_for(int64_t work_items, int group_threads) {
-  const int64_t groups_per_block = block_threads(group_threads) / group_threads;
-  return (work_items + groups_per_block - 1) / groups_per_block;
-}
-
-template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-struct ForwardLauncher {
-  static void run(const ForwardParams<scalar_t, acc_t>& p) {
-    worst_of_k_ce_forward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<grid_for(p.B, GROUP), block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
-
-template <typename scalar_t, typename acc_t, int VEC, int GROUP>
-struct BackwardLauncher {
-  static void run(const BackwardParams<scalar_t, acc_t>& p) {
-    worst_of_k_ce_backward_kernel<scalar_t, acc_t, VEC, GROUP>
-        <<<grid_for(p.B * p.k, GROUP), block_threads(GROUP), 0,
-           c10::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
-
-// Launchers of the weighted kernels for one soft-target dtype, in launch_configured's shape.
-template <typename target_t>
-struct WeightedLaunch {
+template <bool WEIGHTED, typename target_t>
+struct CeLaunch {
   template <typename scalar_t, typename acc_t, int VEC, int GROUP>
   struct Forward {
-    static void run(const WeightedParams<scalar_t, target_t, acc_t>& p) {
-      weighted_ce_forward_kernel<scalar_t, target_t, acc_t, VEC, GROUP>
-          <<<grid_for(p.B, GROUP), block_threads(GROUP), 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    static void run(const ForwardParams<WEIGHTED, scalar_t, target_t, acc_t>& p) {
+      launch_groups<GROUP>(
+          worst_of_k_ce_forward_kernel<WEIGHTED, scalar_t, target_t, acc_t, VEC, GROUP>, p.B, p);
     }
   };
   template <typename scalar_t, typename acc_t, int VEC, int GROUP>
   struct Backward {
-    static void run(const WeightedParams<scalar_t, target_t, acc_t>& p) {
-      weighted_ce_backward_kernel<scalar_t, target_t, acc_t, VEC, GROUP>
-          <<<grid_for(p.B * p.k, GROUP), block_threads(GROUP), 0,
-             c10::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    static void run(const BackwardParams<WEIGHTED, scalar_t, target_t, acc_t>& p) {
+      launch_groups<GROUP>(
+          worst_of_k_ce_backward_kernel<WEIGHTED, scalar_t, target_t, acc_t, VEC, GROUP>, p.B * p.k,
+          p);
     }
   };
 };
 
-// Parameters shared by the weighted forward and backward (inputs and target side).
-template <typename scalar_t, typename target_t>
-WeightedParams<scalar_t, target_t, at::opmath_type<scalar_t>> weighted_params(
-    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& radius,
-    const at::Tensor& class_weight, double label_smoothing, int64_t ignore_index) {
+template <typename P>
+using scalar_of = std::remove_cv_t<std::remove_pointer_t<decltype(P::logits)>>;
+
+// The input side of a parameter block: logits, target, radius, smoothing (and class weights).
+template <typename P>
+void set_inputs(P& p, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& radius,
+                const at::Tensor& class_weight, double label_smoothing) {
+  using scalar_t = scalar_of<P>;
   using acc_t = at::opmath_type<scalar_t>;
-  WeightedParams<scalar_t, target_t, acc_t> p{};
   p.logits = logits.const_data_ptr<scalar_t>();
   p.B = logits.size(0);
   p.k = logits.size(1);
   p.C = logits.size(2);
   p.stride_b = logits.stride(0);
   p.stride_k = logits.stride(1);
-  if (is_soft_target(target)) {
-    p.soft = target.const_data_ptr<target_t>();
-    const auto st = soft_target_strides(target);
-    p.target_stride_b = st.first;
-    p.target_stride_k = st.second;
-  } else {
-    p.index = target.const_data_ptr<int64_t>();
-  }
   p.radius = radius.defined() ? radius.const_data_ptr<acc_t>() : nullptr;
   const acc_t eps = static_cast<acc_t>(label_smoothing);
-  p.coef = {class_weight.defined() ? class_weight.const_data_ptr<acc_t>() : nullptr, acc_t(1) - eps,
-            eps / acc_t(p.C)};
-  p.ignore_index = ignore_index;
-  p.need_asum = p.soft != nullptr || label_smoothing != 0.0;
-  return p;
+  if constexpr (!P::kWeighted) {
+    p.index = target.const_data_ptr<int64_t>();
+    p.eps = eps;
+  } else {
+    using target_t = std::remove_cv_t<std::remove_pointer_t<decltype(P::soft)>>;
+    if (is_soft_target(target)) {
+      p.soft = target.const_data_ptr<target_t>();
+      const auto st = soft_target_strides(target);
+      p.target_stride_b = st.first;
+      p.target_stride_k = st.second;
+    } else {
+      p.index = target.const_data_ptr<int64_t>();
+    }
+    p.coef = {class_weight.defined() ? class_weight.const_data_ptr<acc_t>() : nullptr,
+              acc_t(1) - eps, eps / acc_t(p.C)};
+    p.need_asum = p.soft != nullptr || label_smoothing != 0.0;
+  }
 }
 
 // 16-byte vectors need every logits row and (soft targets) every target row aligned.
-template <typename scalar_t, typename target_t, typename acc_t>
-bool weighted_aligned(const WeightedParams<scalar_t, target_t, acc_t>& p) {
+template <typename P>
+bool inputs_aligned(const P& p) {
+  using scalar_t = scalar_of<P>;
   constexpr int kVec = max_vec<scalar_t>();
-  return aligned_for(p.logits, p.stride_b, p.stride_k, kVec, sizeof(scalar_t)) &&
-         (!p.soft ||
-          aligned_for(p.soft, p.target_stride_b, p.target_stride_k, kVec, sizeof(target_t)));
+  bool ok = aligned_for(p.logits, p.stride_b, p.stride_k, kVec, sizeof(scalar_t));
+  if constexpr (P::kWeighted) {
+    ok = ok && (!p.soft ||
+                aligned_for(p.soft, p.target_stride_b, p.target_stride_k, kVec, sizeof(*p.soft)));
+  }
+  return ok;
+}
+
+// Runs body(scalar_t{}, target_t{}, std::bool_constant<WEIGHTED>{}): the weighted path for class
+// weights or soft targets (both dtypes dispatched), the plain one (target_t = scalar_t, unused)
+// for index targets without class weights.
+template <typename F>
+void dispatch_ce(bool weighted, const at::Tensor& logits, const at::Tensor& target, F&& body) {
+  if (weighted) {
+    dispatch_weighted(logits, target, [&](auto s, auto t) { body(s, t, std::true_type{}); });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce",
+                                  [&] { body(scalar_t(0), scalar_t(0), std::false_type{}); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cuda(
@@ -512,49 +465,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
   if (logits.size(0) == 0) return out.as_tuple();
   const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
   const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
-  if (weighted) {
-    const at::Tensor cw = class_weight.has_value() ? class_weight->contiguous() : at::Tensor();
-    dispatch_weighted(logits, tgt, [&](auto s, auto t) {
-      using scalar_t = decltype(s);
-      using target_t = decltype(t);
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p =
-          weighted_params<scalar_t, target_t>(logits, tgt, rad, cw, label_smoothing, ignore_index);
-      p.tau = static_cast<acc_t>(temperature);
-      p.loss = out.loss.mutable_data_ptr<acc_t>();
-      p.lse = out.lse.mutable_data_ptr<acc_t>();
-      p.weight = out.weight.mutable_data_ptr<acc_t>();
-      p.dradius = rad.defined() ? out.dradius.mutable_data_ptr<acc_t>() : nullptr;
-      p.index_out = out.index.mutable_data_ptr<int64_t>();
-      launch_configured<scalar_t, WeightedLaunch<target_t>::template Forward>(weighted_aligned(p),
-                                                                              p.C, p);
-    });
-    return out.as_tuple();
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_fwd_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        ForwardParams<scalar_t, acc_t> p{
-            logits.const_data_ptr<scalar_t>(),
-            logits.size(0),
-            logits.size(1),
-            logits.size(2),
-            logits.stride(0),
-            logits.stride(1),
-            tgt.const_data_ptr<int64_t>(),
-            rad.defined() ? rad.const_data_ptr<acc_t>() : nullptr,
-            static_cast<acc_t>(temperature),
-            static_cast<acc_t>(label_smoothing),
-            ignore_index,
-            out.loss.mutable_data_ptr<acc_t>(),
-            out.lse.mutable_data_ptr<acc_t>(),
-            out.weight.mutable_data_ptr<acc_t>(),
-            rad.defined() ? out.dradius.mutable_data_ptr<acc_t>() : nullptr,
-            out.index.mutable_data_ptr<int64_t>()};
-        const bool aligned =
-            aligned_for(p.logits, p.stride_b, p.stride_k, max_vec<scalar_t>(), sizeof(scalar_t));
-        launch_configured<scalar_t, ForwardLauncher>(aligned, p.C, p);
-      });
+  const at::Tensor cw = class_weight.has_value() ? class_weight->contiguous() : at::Tensor();
+  dispatch_ce(weighted, logits, tgt, [&](auto s, auto t, auto weighted_tag) {
+    using scalar_t = decltype(s);
+    using target_t = decltype(t);
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool kWeighted = decltype(weighted_tag)::value;
+    ForwardParams<kWeighted, scalar_t, target_t, acc_t> p{};
+    set_inputs(p, logits, tgt, rad, cw, label_smoothing);
+    p.ignore_index = ignore_index;
+    p.tau = static_cast<acc_t>(temperature);
+    p.loss = out.loss.mutable_data_ptr<acc_t>();
+    p.lse = out.lse.mutable_data_ptr<acc_t>();
+    p.weight = out.weight.mutable_data_ptr<acc_t>();
+    p.dradius = rad.defined() ? out.dradius.mutable_data_ptr<acc_t>() : nullptr;
+    p.index_out = out.index.mutable_data_ptr<int64_t>();
+    launch_row_kernel<scalar_t, CeLaunch<kWeighted, target_t>::template Forward>(inputs_aligned(p),
+                                                                                 p.C, p);
+  });
   return out.as_tuple();
 }
 
@@ -571,52 +499,26 @@ at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
   const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
-  if (weighted) {
-    const at::Tensor cw = class_weight.has_value() ? class_weight->contiguous() : at::Tensor();
-    dispatch_weighted(logits, tgt, [&](auto s, auto t) {
-      using scalar_t = decltype(s);
-      using target_t = decltype(t);
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p =
-          weighted_params<scalar_t, target_t>(logits, tgt, rad, cw, label_smoothing, ignore_index);
-      p.grad = grad.mutable_data_ptr<scalar_t>();
-      p.grad_stride_b = grad.stride(0);
-      p.grad_stride_k = grad.stride(1);
-      p.grad_loss = g.const_data_ptr<acc_t>();
-      p.lse_in = lse.const_data_ptr<acc_t>();
-      p.weight_in = weight.const_data_ptr<acc_t>();
-      const bool aligned =
-          weighted_aligned(p) && aligned_for(p.grad, p.grad_stride_b, p.grad_stride_k,
-                                             max_vec<scalar_t>(), sizeof(scalar_t));
-      launch_configured<scalar_t, WeightedLaunch<target_t>::template Backward>(aligned, p.C, p);
-    });
-    return grad;
-  }
-  (void)ignore_index;  // ignored samples arrive with weight 0
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "worst_of_k_ce_bwd_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        BackwardParams<scalar_t, acc_t> p{logits.const_data_ptr<scalar_t>(),
-                                          grad.mutable_data_ptr<scalar_t>(),
-                                          logits.size(0),
-                                          logits.size(1),
-                                          logits.size(2),
-                                          logits.stride(0),
-                                          logits.stride(1),
-                                          grad.stride(0),
-                                          grad.stride(1),
-                                          tgt.const_data_ptr<int64_t>(),
-                                          rad.defined() ? rad.const_data_ptr<acc_t>() : nullptr,
-                                          g.const_data_ptr<acc_t>(),
-                                          lse.const_data_ptr<acc_t>(),
-                                          weight.const_data_ptr<acc_t>(),
-                                          static_cast<acc_t>(label_smoothing)};
-        constexpr int kVec = max_vec<scalar_t>();
-        const bool aligned =
-            aligned_for(p.logits, p.stride_b, p.stride_k, kVec, sizeof(scalar_t)) &&
-            aligned_for(p.grad, p.grad_stride_b, p.grad_stride_k, kVec, sizeof(scalar_t));
-        launch_configured<scalar_t, BackwardLauncher>(aligned, p.C, p);
-      });
+  const at::Tensor cw = class_weight.has_value() ? class_weight->contiguous() : at::Tensor();
+  dispatch_ce(weighted, logits, tgt, [&](auto s, auto t, auto weighted_tag) {
+    using scalar_t = decltype(s);
+    using target_t = decltype(t);
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool kWeighted = decltype(weighted_tag)::value;
+    BackwardParams<kWeighted, scalar_t, target_t, acc_t> p{};
+    set_inputs(p, logits, tgt, rad, cw, label_smoothing);
+    // Ignored samples arrive with weight 0: only the weighted block carries ignore_index.
+    if constexpr (kWeighted) p.ignore_index = ignore_index;
+    p.grad = grad.mutable_data_ptr<scalar_t>();
+    p.grad_stride_b = grad.stride(0);
+    p.grad_stride_k = grad.stride(1);
+    p.grad_loss = g.const_data_ptr<acc_t>();
+    p.lse_in = lse.const_data_ptr<acc_t>();
+    p.weight_in = weight.const_data_ptr<acc_t>();
+    const bool aligned = inputs_aligned(p) && aligned_for(p.grad, p.grad_stride_b, p.grad_stride_k,
+                                                          max_vec<scalar_t>(), sizeof(scalar_t));
+    launch_row_kernel<scalar_t, CeLaunch<kWeighted, target_t>::template Backward>(aligned, p.C, p);
+  });
   return grad;
 }
 

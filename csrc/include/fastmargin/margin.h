@@ -12,6 +12,7 @@
 
 #include <tuple>
 
+#include "fastmargin/checks.h"
 #include "fastmargin/worst_of_k_ce.h"
 
 namespace fastmargin {
@@ -23,12 +24,7 @@ inline void check_margin_inputs(const at::Tensor& logits, const at::Tensor& targ
   TORCH_CHECK(logits.size(1) >= 2,
               "logits: the margin needs at least 2 classes, got C = ", logits.size(1));
   TORCH_CHECK(logits.stride(1) == 1, "logits: the class dim must be contiguous (stride 1)");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target: expected shape (",
-              logits.size(0), ",), got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target: expected int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), "target: expected device ", logits.device(),
-              ", got ", target.device());
+  check_index_target(target, logits);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> allocate_margin_outputs(const at::Tensor& logits) {

@@ -15,8 +15,9 @@
 
 #include <tuple>
 
+#include "fastmargin/checks.h"
 #include "fastmargin/philox.h"
-#include "fastmargin/worst_of_k_ce.h"  // stats_dtype
+#include "fastmargin/worst_of_k_ce.h"
 
 namespace fastmargin {
 
@@ -39,18 +40,8 @@ inline void check_weight_noise_inputs(const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(logits.size(1) < kNoiseMaxClasses, "logits: at most 2^34 classes are supported");
   TORCH_CHECK(k >= 1 && k <= kNoiseMaxCopies, "k: expected 1 <= k <= 2^20, got ", k);
   const int64_t N = logits.size(0);
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, "target: expected shape (", N, ",), got ",
-              target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target: expected int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), "target: expected device ", logits.device(),
-              ", got ", target.device());
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "scale: expected shape (", N, ",), got ",
-              scale.sizes());
-  TORCH_CHECK(scale.scalar_type() == stats_dtype(logits), "scale: expected dtype ",
-              stats_dtype(logits), ", got ", scale.scalar_type());
-  TORCH_CHECK(scale.device() == logits.device(), "scale: expected device ", logits.device(),
-              ", got ", scale.device());
+  check_index_target(target, logits);
+  check_stats_vector(scale, "scale", N, logits);
   check_philox_state(philox, logits.device());
 }
 

@@ -10,7 +10,7 @@
 // (B, C) shared by the k copies or (B, k, C) one row per copy (class dim contiguous, other
 // strides arbitrary). Optional class_weight: (C,) in the statistics dtype. Either one selects
 // the weighted path (ce_weighted_math.h); index targets without class weights keep the
-// original kernels unchanged.
+// original (plain) arithmetic unchanged.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -23,11 +23,9 @@
 #include <type_traits>
 #include <utility>
 
-namespace fastmargin {
+#include "fastmargin/checks.h"
 
-inline at::ScalarType stats_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace fastmargin {
 
 inline void check_worst_of_k_logits(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 3, "logits: expected a 3-D (B, k, C) tensor, got ", logits.dim(),
@@ -41,21 +39,8 @@ inline void check_worst_of_k_logits(const at::Tensor& logits) {
 inline void check_worst_of_k_inputs(const at::Tensor& logits, const at::Tensor& target,
                                     const c10::optional<at::Tensor>& radius) {
   check_worst_of_k_logits(logits);
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target: expected shape (",
-              logits.size(0), ",), got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target: expected int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), "target: expected device ", logits.device(),
-              ", got ", target.device());
-  if (radius.has_value()) {
-    const at::Tensor& r = *radius;
-    TORCH_CHECK(r.dim() == 1 && r.size(0) == logits.size(0), "radius: expected shape (",
-                logits.size(0), ",), got ", r.sizes());
-    TORCH_CHECK(r.scalar_type() == stats_dtype(logits), "radius: expected dtype ",
-                stats_dtype(logits), ", got ", r.scalar_type());
-    TORCH_CHECK(r.device() == logits.device(), "radius: expected device ", logits.device(),
-                ", got ", r.device());
-  }
+  check_index_target(target, logits);
+  if (radius.has_value()) check_stats_vector(*radius, "radius", logits.size(0), logits);
 }
 
 // A floating target holds class probabilities (soft targets); an integer one class indices.
@@ -92,13 +77,7 @@ inline void check_soft_target(const at::Tensor& logits, const at::Tensor& target
 inline void check_class_weight(const at::Tensor& logits,
                                const c10::optional<at::Tensor>& class_weight) {
   if (!class_weight.has_value()) return;
-  const at::Tensor& w = *class_weight;
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == logits.size(2), "class_weight: expected shape (",
-              logits.size(2), ",), got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == stats_dtype(logits), "class_weight: expected dtype ",
-              stats_dtype(logits), ", got ", w.scalar_type());
-  TORCH_CHECK(w.device() == logits.device(), "class_weight: expected device ", logits.device(),
-              ", got ", w.device());
+  check_stats_vector(*class_weight, "class_weight", logits.size(2), logits);
 }
 
 // All forward arguments; true when the weighted (class weight or soft target) path runs.
