@@ -118,7 +118,7 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const 
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    cpu::Scratch<acc_t> accs;
+    cpu::Scratch<acc_t> accs, xs;
     cpu::Scratch<float> noise;
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* out = gbase + n * gn;
@@ -128,31 +128,26 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const 
       const int64_t y = tgt[n];  // may be invalid (weights NaN): then no class is the target
       const acc_t s = sc[n], g = gl[n];
       float* xi = noise.get((C + 3) / 4 * 4);
+      acc_t* x = xs.get(C);
       acc_t* acc = accs.get(C);
       std::fill(acc, acc + C, acc_t(0));
       acc_t ds = acc_t(0);
+      const bool has_y = y >= 0 && y < C;
+      const int64_t lo = has_y ? y : C, hi = has_y ? y + 1 : C;
       // Sums the copies with non-zero weight (tau = 0: only the worst one) in acc_t before
       // rounding to the logits dtype; ds = sum_j sum_c dL/dz~_jc xi_jc.
       for (int64_t j = 0; j < k; ++j) {
         if (w_n[j] == acc_t(0)) continue;  // unselected copy or ignored sample
         noise_row(key, n, j, C, xi);
+        for (int64_t c = 0; c < C; ++c) x[c] = acc_t(row[c]) + s * acc_t(xi[c]);
         const acc_t wg = w_n[j] * g, row_lse = lse_n[j];
-        // Off-target classes in vectorisable passes around the target, the target exactly.
-        const auto off_target = [&](int64_t c) {
-          const acc_t xc = acc_t(xi[c]);
-          const acc_t term = wg * (cpu::exp_lane(acc_t(row[c]) + s * xc - row_lse) - eps_over_c);
-          acc[c] += term;
-          return term * xc;
-        };
-        const bool has_y = y >= 0 && y < C;
-        const int64_t lo = has_y ? y : C, hi = has_y ? y + 1 : C;
-        ds += cpu::lane_reduce<acc_t>(lo, off_target);
-        ds += cpu::lane_reduce<acc_t>(C - hi, [&](int64_t i) { return off_target(hi + i); });
+        // Off-target classes in vectorised passes around the target, the target exactly.
+        ds += cpu::row_softmax_grad_acc(x, xi, lo, row_lse, wg, eps_over_c, acc);
+        ds += cpu::row_softmax_grad_acc(x + hi, xi + hi, C - hi, row_lse, wg, eps_over_c, acc + hi);
         if (has_y) {
-          const acc_t xc = acc_t(xi[y]);
-          const acc_t term = ce_grad(acc_t(row[y]) + s * xc, true, row_lse, eps, eps_over_c, wg);
+          const acc_t term = ce_grad(x[y], true, row_lse, eps, eps_over_c, wg);
           acc[y] += term;
-          ds += term * xc;
+          ds += term * acc_t(xi[y]);
         }
       }
       for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);

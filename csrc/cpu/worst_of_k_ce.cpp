@@ -140,19 +140,18 @@ struct WeightedLoss {
                  Scratch<acc_t>& as, acc_t& lse, acc_t& asum) const {
     const target_t* p = soft_row(b, j);
     const acc_t* x = cpu::robust_row(z, C, y, r, xs);
-    const acc_t m = cpu::lane_max(x, C);
+    const acc_t m = cpu::row_max(x, C);
     WeightedRowStats<acc_t> st;
     if (!cpu::is_finite(m)) {  // all -inf / +inf / all NaN: the scalar online pass
       st = WeightedRow<scalar_t, target_t, acc_t>{z, p, y, r, coef}.stats(C);
     } else if (sparse) {
       const acc_t a_y = coef(acc_t(1), y);
-      st = {m, cpu::lane_sum_exp(x, C, m), a_y, a_y != acc_t(0) ? a_y * (x[y] - m) : acc_t(0)};
+      st = {m, cpu::row_sum_exp(x, C, m), a_y, a_y != acc_t(0) ? a_y * (x[y] - m) : acc_t(0)};
     } else {
       const acc_t* a = coefs(p, y, as);
       // D = sum_{a_c != 0} a_c (z~_c - max): a masked class with a_c > 0 gives -inf.
-      const acc_t adot = cpu::lane_reduce<acc_t>(
-          C, [&](int64_t c) { return a[c] != acc_t(0) ? a[c] * (x[c] - m) : acc_t(0); });
-      st = {m, cpu::lane_sum_exp(x, C, m), cpu::lane_sum(a, C), adot};
+      const acc_t adot = cpu::row_coef_dot(a, x, C, m);
+      st = {m, cpu::row_sum_exp(x, C, m), cpu::row_sum(a, C), adot};
     }
     lse = st.lse();
     asum = st.asum;
@@ -167,7 +166,7 @@ struct WeightedLoss {
   void grad_row(const scalar_t* z, int64_t b, int64_t j, int64_t y, acc_t r, acc_t lse, acc_t s,
                 Scratch<acc_t>& as, scalar_t* out) const {
     const acc_t* a = sparse ? nullptr : coefs(soft_row(b, j), y, as);
-    const acc_t A = sparse ? coef(acc_t(1), y) : cpu::lane_sum(a, C);
+    const acc_t A = sparse ? coef(acc_t(1), y) : cpu::row_sum(a, C);
     cpu::softmax_grad_row(z, C, r, lse, A, a, acc_t(0), s, out);
     if (y >= 0) {
       out[y] = static_cast<scalar_t>(
