@@ -1,12 +1,14 @@
-// The float row loops of cpu_rows.h, compiled for the x86-64 baseline and (gcc on x86-64) for
-// x86-64-v3 (AVX2 + FMA) as well: target_clones emits both and an ifunc resolver picks one when
-// the library loads. `flatten` inlines the templates into each clone, so each clone vectorises
-// them for its own target (otherwise both would call one shared baseline instantiation).
-// FMA contraction changes results only at the rounding level; NaN / inf semantics are the same.
+// The float row loops of cpu_rows.h, compiled for the x86-64 baseline and (gcc on x86-64) also for
+// x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512): target_clones emits all three and an ifunc
+// resolver picks the best one the CPU supports when the library loads. `flatten` inlines the
+// templates into each clone, so each clone vectorises them for its own target (otherwise both would
+// call one shared baseline instantiation). FMA contraction changes results only at the rounding
+// level; NaN / inf semantics are the same.
 #include "fastmargin/cpu_rows.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#define FM_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
 #else
 #define FM_CPU_CLONES
 #endif
