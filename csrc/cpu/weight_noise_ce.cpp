@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "fastmargin/ce_math.h"
+#include "fastmargin/cpu_rows.h"
 #include "fastmargin/philox.h"
 #include "fastmargin/weight_noise_ce.h"
 
@@ -23,24 +24,14 @@ NoiseKey read_key(const at::Tensor& philox) {
   return {static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1])};
 }
 
-// Statistics of the noisy copy z + s xi_j of one row, 4 classes (one Philox block) at a time.
-template <typename scalar_t, typename acc_t>
-RowStats<acc_t> noisy_row_stats(const scalar_t* row, int64_t C, acc_t s, const NoiseKey& key,
-                                int64_t n, int64_t j, bool want_sum) {
-  RowStats<acc_t> st = RowStats<acc_t>::empty();
-  float xi[4];
-  int64_t c0 = 0;
-  for (; c0 + 4 <= C; c0 += 4) {
-    key.block(n, j, c0 >> 2, xi);
-    acc_t x[4];
-    for (int e = 0; e < 4; ++e) x[e] = acc_t(row[c0 + e]) + s * acc_t(xi[e]);
-    st.add(x, want_sum);
+// The noise xi_j of one row (n, j) in xi[0, C) (4 classes, one Philox block, at a time); xi must
+// hold C rounded up to a multiple of 4.
+inline void noise_row(const NoiseKey& key, int64_t n, int64_t j, int64_t C, float* xi) {
+  for (int64_t c0 = 0; c0 < C; c0 += 4) {
+    float blk[4];
+    key.block(n, j, c0 >> 2, blk);
+    std::copy(blk, blk + 4, xi + c0);
   }
-  if (c0 < C) {
-    key.block(n, j, c0 >> 2, xi);
-    for (int64_t c = c0; c < C; ++c) st.add(acc_t(row[c]) + s * acc_t(xi[c - c0]), want_sum);
-  }
-  return st;
 }
 
 template <typename scalar_t>
@@ -61,34 +52,32 @@ void forward_impl(const at::Tensor& logits, const int64_t* tgt, const at::Tensor
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k * C));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    cpu::Scratch<acc_t> xs;
+    cpu::Scratch<float> noise;
     for (int64_t n = begin; n < end; ++n) {
       const int64_t y = tgt[n];
       const TargetKind kind = classify_target(y, ignore_index, C);
-      acc_t* lse_n = lse + n * k;
-      acc_t* w_n = weight + n * k;
       index[n] = 0;
       if (kind != TargetKind::kClass) {
-        // Ignored: contributes 0 with zero gradient. Invalid: NaN row, never read.
-        const acc_t fill = kind == TargetKind::kIgnored ? acc_t(0) : quiet_nan<acc_t>();
-        loss[n] = fill;
-        std::fill(lse_n, lse_n + k, fill);
-        std::fill(w_n, w_n + k, fill);
+        cpu::fill_skipped_sample(kind, k, loss + n, lse + n * k, weight + n * k,
+                                 static_cast<acc_t*>(nullptr));
         continue;
       }
       const scalar_t* row = base + n * sn;
       const acc_t s = sc[n];
-      CopyReducer<acc_t> red = CopyReducer<acc_t>::start();
-      for (int64_t j = 0; j < k; ++j) {
-        const RowStats<acc_t> st = noisy_row_stats(row, C, s, key, n, j, want_sum);
-        lse_n[j] = st.lse();
-        const acc_t zy = acc_t(row[y]) + s * acc_t(key.at(n, j, y));
-        // The per-copy loss waits in the weight buffer until all k copies are known.
-        w_n[j] = ce_from_stats(lse_n[j], zy, st.sumz, eps, C);
-        red.add(j, w_n[j], tau);
-      }
-      loss[n] = red.loss(k, tau);
-      index[n] = red.best_index;
-      for (int64_t j = 0; j < k; ++j) w_n[j] = red.weight(j, w_n[j], tau);
+      float* xi = noise.get((C + 3) / 4 * 4);
+      acc_t* x = xs.get(C);
+      // Copy j is the row z + s xi_j.
+      cpu::reduce_copies(
+          k, tau,
+          [&](int64_t j, acc_t& lse_j) {
+            noise_row(key, n, j, C, xi);
+            for (int64_t c = 0; c < C; ++c) x[c] = acc_t(row[c]) + s * acc_t(xi[c]);
+            const RowStats<acc_t> st = cpu::row_stats(x, C, want_sum);
+            lse_j = st.lse();
+            return ce_from_stats(lse_j, x[y], st.sumz, eps, C);
+          },
+          lse + n * k, weight + n * k, loss + n, index + n);
     }
   });
 }
@@ -129,34 +118,39 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const 
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    cpu::Scratch<acc_t> accs, xs;
+    cpu::Scratch<float> noise;
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* out = gbase + n * gn;
       const scalar_t* row = base + n * sn;
       const acc_t* w_n = w_p + n * k;
       const acc_t* lse_n = lse_p + n * k;
-      const int64_t y = tgt[n];  // may be invalid (weights NaN): then c == y never holds
+      const int64_t y = tgt[n];  // may be invalid (weights NaN): then no class is the target
       const acc_t s = sc[n], g = gl[n];
+      float* xi = noise.get((C + 3) / 4 * 4);
+      acc_t* x = xs.get(C);
+      acc_t* acc = accs.get(C);
+      std::fill(acc, acc + C, acc_t(0));
       acc_t ds = acc_t(0);
-      float xi[4];
-      // One group of 4 classes at a time, summing the copies with non-zero weight (tau = 0:
-      // only the worst one) before rounding to the logits dtype.
-      for (int64_t c0 = 0; c0 < C; c0 += 4) {
-        const int64_t len = std::min<int64_t>(4, C - c0);
-        acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-        for (int64_t j = 0; j < k; ++j) {
-          if (w_n[j] == acc_t(0)) continue;  // unselected copy or ignored sample
-          key.block(n, j, c0 >> 2, xi);
-          const acc_t wg = w_n[j] * g;
-          for (int64_t e = 0; e < len; ++e) {
-            const bool is_y = c0 + e == y;
-            const acc_t term =
-                ce_grad(acc_t(row[c0 + e]) + s * acc_t(xi[e]), is_y, lse_n[j], eps, eps_over_c, wg);
-            acc[e] += term;
-            ds += term * acc_t(xi[e]);
-          }
+      const bool has_y = y >= 0 && y < C;
+      const int64_t lo = has_y ? y : C, hi = has_y ? y + 1 : C;
+      // Sums the copies with non-zero weight (tau = 0: only the worst one) in acc_t before
+      // rounding to the logits dtype; ds = sum_j sum_c dL/dz~_jc xi_jc.
+      for (int64_t j = 0; j < k; ++j) {
+        if (w_n[j] == acc_t(0)) continue;  // unselected copy or ignored sample
+        noise_row(key, n, j, C, xi);
+        for (int64_t c = 0; c < C; ++c) x[c] = acc_t(row[c]) + s * acc_t(xi[c]);
+        const acc_t wg = w_n[j] * g, row_lse = lse_n[j];
+        // Off-target classes in vectorised passes around the target, the target exactly.
+        ds += cpu::row_softmax_grad_acc(x, xi, lo, row_lse, wg, eps_over_c, acc);
+        ds += cpu::row_softmax_grad_acc(x + hi, xi + hi, C - hi, row_lse, wg, eps_over_c, acc + hi);
+        if (has_y) {
+          const acc_t term = ce_grad(x[y], true, row_lse, eps, eps_over_c, wg);
+          acc[y] += term;
+          ds += term * acc_t(xi[y]);
         }
-        for (int64_t e = 0; e < len; ++e) out[c0 + e] = static_cast<scalar_t>(acc[e]);
       }
+      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
       gs[n] = ds;
     }
   });

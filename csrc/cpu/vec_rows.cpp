@@ -1,0 +1,42 @@
+// The float row loops of cpu_rows.h, compiled for the x86-64 baseline and (gcc on x86-64) also for
+// x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512): target_clones emits all three and an ifunc
+// resolver picks the best one the CPU supports when the library loads. `flatten` inlines the
+// templates into each clone, so each clone vectorises them for its own target (otherwise both would
+// call one shared baseline instantiation). FMA contraction changes results only at the rounding
+// level; NaN / inf semantics are the same.
+#include "fastmargin/cpu_rows.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FM_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define FM_CPU_CLONES
+#endif
+
+namespace fastmargin {
+namespace cpu {
+
+FM_CPU_CLONES float max_f32(const float* x, int64_t n) { return lane_max(x, n); }
+
+FM_CPU_CLONES float sum_exp_f32(const float* x, int64_t n, float shift) {
+  return lane_sum_exp(x, n, shift);
+}
+
+FM_CPU_CLONES float sum_f32(const float* x, int64_t n) { return lane_sum(x, n); }
+
+FM_CPU_CLONES float coef_dot_f32(const float* a, const float* x, int64_t n, float m) {
+  return coef_dot_loop(a, x, n, m);
+}
+
+FM_CPU_CLONES void softmax_grad_f32(const float* z, int64_t n, float r, float lse, float A,
+                                    const float* a, float a_off, float s, float* out) {
+  softmax_grad_loop(z, n, r, lse, A, a, a_off, s, out);
+}
+
+FM_CPU_CLONES float softmax_grad_acc_f32(const float* x, const float* xi, int64_t n, float lse,
+                                         float w, float a_off, float* acc) {
+  return softmax_grad_acc_loop(x, xi, n, lse, w, a_off, acc);
+}
+
+}  // namespace cpu
+}  // namespace fastmargin
