@@ -19,6 +19,12 @@ TORCH_LIBRARY(fastmargin, m) {
       "worst_of_k_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? radius, "
       "Tensor lse, Tensor weight, float label_smoothing, int ignore_index, "
       "Tensor? class_weight=None) -> Tensor");
+  // The same gradient written over the logits themselves (each row is read before it is
+  // written, by the same thread): the in-place option of worst_of_k_cross_entropy.
+  m.def(
+      "worst_of_k_ce_bwd_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+      "Tensor? radius, Tensor lse, Tensor weight, float label_smoothing, int ignore_index, "
+      "Tensor? class_weight=None) -> ()");
 
   // --- multiclass margin (issue 3) ---
   // Margins m = z_y - max_{c != y} z_c of (N, C) logits (C >= 2, class dim contiguous), in

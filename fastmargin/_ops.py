@@ -50,6 +50,13 @@ def _worst_of_k_ce_bwd_fake(
     return torch.empty_like(logits)
 
 
+@torch.library.register_fake("fastmargin::worst_of_k_ce_bwd_inplace")
+def _worst_of_k_ce_bwd_inplace_fake(
+    grad_loss, logits, target, radius, lse, weight, label_smoothing, ignore_index, class_weight=None
+):
+    return None
+
+
 def _worst_of_k_ce_setup_context(ctx, inputs, output):
     logits, target, radius, _temperature, label_smoothing, ignore_index, class_weight = inputs
     _loss, lse, weight, _index, dradius = output

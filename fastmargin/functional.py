@@ -36,6 +36,7 @@ def worst_of_k_cross_entropy(
     reduction: str = "mean",
     return_index: bool = False,
     weight: torch.Tensor | None = None,
+    inplace_backward: bool = False,
 ) -> Union[torch.Tensor, LossAndIndex]:
     r"""Worst-of-k cross-entropy (MaxUp): the loss of each sample's worst augmented copy.
 
@@ -80,6 +81,11 @@ def worst_of_k_cross_entropy(
         ignore_index: target value that marks a sample to skip.
         reduction: ``'mean'`` | ``'sum'`` | ``'none'`` (per-sample (B,) losses).
         return_index: also return the (B,) int64 index of each sample's worst copy.
+        inplace_backward: write the gradient over ``logits`` during the forward (eager mode
+            and a scalar loss only; ignored under ``torch.compile``). Saves the logits-sized
+            gradient allocation for a terminal loss, as the fused kernels of Liger do;
+            afterwards ``logits`` holds d loss / d logits (times the upstream gradient once
+            backward has run), so it must not be used for anything else.
         weight: optional (C,) class weights w, as in ``F.cross_entropy`` (converted to
             float32, float64 for float64 logits; not differentiable). With class-index
             targets ``'mean'`` divides by :math:`\sum_b w_{y_b}` over the samples not ignored
@@ -110,9 +116,70 @@ def worst_of_k_cross_entropy(
         target = v.check_class_target(target, B, C, ignore_index, logits)
     class_weight = tc.check_class_weight(weight, C, logits)
 
-    per_sample, _lse, _weight, index, _dr = ops.worst_of_k_ce_fwd(
-        x, target, None, temperature, label_smoothing, ignore_index, class_weight
-    )
-    loss = reduce_cross_entropy(per_sample, target, ignore_index, reduction, class_weight)
+    args = (target, temperature, label_smoothing, ignore_index, class_weight)
+    if inplace_backward and _use_inplace_backward(logits, target, reduction):
+        copies_first = dim in (0, -3)
+        loss, index = _GradientIntoLogits.apply(logits, x, copies_first, reduction, *args)
+    else:
+        per_sample, _lse, _weight, index, _dr = ops.worst_of_k_ce_fwd(x, args[0], None, *args[1:])
+        loss = reduce_cross_entropy(per_sample, target, ignore_index, reduction, class_weight)
     loss = loss.to(logits.dtype)
     return (loss, index) if return_index else loss
+
+
+def _use_inplace_backward(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> bool:
+    """Whether the in-place option applies: eager mode, a scalar loss, a gradient wanted."""
+    if reduction == "none":
+        raise ValueError(
+            "inplace_backward: needs a scalar loss (reduction 'mean' or 'sum'), got 'none'"
+        )
+    if torch.compiler.is_compiling():
+        return False  # traced graphs must not mutate their inputs: the out-of-place ops
+    if target.is_floating_point() and target.requires_grad:
+        raise ValueError("inplace_backward: not available with a target that requires grad")
+    return torch.is_grad_enabled() and logits.requires_grad
+
+
+class _GradientIntoLogits(torch.autograd.Function):
+    """The loss, with dloss/dlogits written over the logits' own storage in the forward.
+
+    The gradient of the reduced loss (for an upstream gradient of 1) is computed by the
+    backward op right after the forward op, straight into the logits buffer, so no
+    logits-sized gradient is ever allocated; the backward only scales it by the upstream
+    gradient (one in-place pass; no host sync to test whether it is 1).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits,
+        x,
+        copies_first,
+        reduction,
+        target,
+        temperature,
+        eps,
+        ignore_index,
+        class_weight,
+    ):
+        per_sample, lse, weight, index, _dr = ops.worst_of_k_ce_fwd(
+            x, target, None, temperature, eps, ignore_index, class_weight
+        )
+        with torch.enable_grad():  # d loss / d per_sample: 1 ('sum') or 1 / normaliser ('mean')
+            leaf = per_sample.detach().requires_grad_(True)
+            loss = reduce_cross_entropy(leaf, target, ignore_index, reduction, class_weight)
+            (g,) = torch.autograd.grad(loss, leaf)
+        ops.worst_of_k_ce_bwd_inplace(
+            g.contiguous(), x, target, None, lse, weight, eps, ignore_index, class_weight
+        )
+        # x is a view of the logits (or, for a strided class dim, the one copy made of them):
+        # it now holds the gradient, returned in the logits' layout.
+        ctx.gradient = x.detach().transpose(0, 1) if copies_first else x.detach()
+        ctx.mark_non_differentiable(index)
+        return loss.detach(), index
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_index):
+        gradient = ctx.gradient
+        del ctx.gradient
+        return gradient.mul_(grad_loss), None, None, None, None, None, None, None, None

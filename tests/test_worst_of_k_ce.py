@@ -476,3 +476,104 @@ def test_cuda_int64_indexing_beyond_2_pow_31():
         assert int(idx[b]) == int(idx_ref[0])
         assert torch.isfinite(x.grad[b]).all()
     assert math.isfinite(float(x.grad[-1].float().abs().sum()))
+
+
+# --- inplace_backward: the gradient written over the logits in the forward -----------------
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"temperature": 0.5, "label_smoothing": 0.1, "reduction": "sum"},
+        {"weight": "rand"},
+        {"soft": True, "temperature": 0.3},
+    ],
+    ids=["plain", "smooth-sum", "class-weight", "soft"],
+)
+def test_inplace_backward_matches_the_out_of_place_gradient(dim, dtype, kw):
+    kw = dict(kw)
+    logits, target = make_case(7, 3, 37, dim=dim, dtype=dtype, ignore_frac=0.2, seed=31)
+    if kw.pop("soft", False):
+        target = torch.softmax(torch.randn(7, 37, dtype=torch.float64), 1).to(dtype)
+    if kw.get("weight") == "rand":
+        kw["weight"] = torch.rand(37, dtype=torch.float64).to(dtype) + 0.5
+    base = logits.clone().requires_grad_(True)
+    model_out = base * 2.0  # a non-leaf, as a model's logits are
+    upstream = 0.37
+    loss = fm.worst_of_k_cross_entropy(model_out, target, dim=dim, inplace_backward=True, **kw)
+    (upstream * loss).backward()
+
+    ref_base = logits.clone().requires_grad_(True)
+    ref_loss = fm.worst_of_k_cross_entropy(ref_base * 2.0, target, dim=dim, **kw)
+    (upstream * ref_loss).backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(base.grad, ref_base.grad, **tolerances(dtype))
+
+
+def test_inplace_backward_reuses_the_logits_storage():
+    logits, target = make_case(5, 4, 16, dim=0, seed=2)
+    base = logits.clone().requires_grad_(True)
+    out = base + 0.0
+    storage = out.untyped_storage().data_ptr()
+    loss = fm.worst_of_k_cross_entropy(out, target, dim=0, inplace_backward=True)
+    assert not torch.equal(out.detach(), logits)  # the logits now hold the gradient
+    assert out.untyped_storage().data_ptr() == storage
+    loss.backward()
+    x = logits.clone().requires_grad_(True)
+    fm.worst_of_k_cross_entropy(x, target, dim=0).backward()
+    torch.testing.assert_close(base.grad, x.grad)
+
+
+def test_inplace_backward_rejects_unreduced_loss_and_is_plain_without_grad():
+    logits, target = make_case(4, 2, 6)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        fm.worst_of_k_cross_entropy(
+            logits.requires_grad_(True), target, reduction="none", inplace_backward=True
+        )
+    plain = logits.detach().clone()
+    before = plain.clone()
+    fm.worst_of_k_cross_entropy(plain, target, inplace_backward=True)  # no grad wanted
+    assert torch.equal(plain, before)
+
+
+def test_inplace_backward_is_ignored_under_compile():
+    torch._dynamo.reset()
+    logits, target = make_case(4, 3, 10, seed=5)
+    x = logits.clone().requires_grad_(True)
+    fn = torch.compile(
+        lambda z, y: fm.worst_of_k_cross_entropy(z, y, inplace_backward=True),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    fn(x, target).backward()
+    assert torch.equal(x.detach(), logits)
+    ref_x = logits.clone().requires_grad_(True)
+    fm.worst_of_k_cross_entropy(ref_x, target).backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+def test_inplace_op_opcheck():
+    logits, target = make_case(4, 3, 9, seed=3)
+    loss, lse, weight, _idx, _dr = torch.ops.fastmargin.worst_of_k_ce_fwd(
+        logits, target, None, 0.0, 0.1, -100
+    )
+    torch.library.opcheck(
+        torch.ops.fastmargin.worst_of_k_ce_bwd_inplace.default,
+        (torch.rand(4), logits.clone(), target, None, lse, weight, 0.1, -100),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [7, 1000, 4099])
+def test_cuda_inplace_backward(dtype, C):
+    logits, target = make_case(16, 4, C, dim=0, dtype=dtype, device="cuda", ignore_frac=0.2)
+    base = logits.clone().requires_grad_(True)
+    fm.worst_of_k_cross_entropy(base * 1.0, target, dim=0, inplace_backward=True).backward()
+    ref_base = logits.clone().requires_grad_(True)
+    fm.worst_of_k_cross_entropy(ref_base * 1.0, target, dim=0).backward()
+    torch.testing.assert_close(base.grad, ref_base.grad, **tolerances(dtype))

@@ -62,10 +62,11 @@ struct PlainLoss {
   // s * dCE/dz of one row (y valid): every class as off-target, then the target rewritten.
   void grad_row(const scalar_t* z, int64_t, int64_t, int64_t y, acc_t r, acc_t lse, acc_t s,
                 Scratch<acc_t>&, scalar_t* out) const {
+    const acc_t zy = acc_t(z[y]);  // read first: `out` may be `z` (worst_of_k_ce_bwd_inplace)
     cpu::softmax_grad_row(z, C, r, lse, acc_t(1), static_cast<const acc_t*>(nullptr), eps_over_c, s,
                           out);
-    out[y] = static_cast<scalar_t>(
-        ce_grad(robust_logit(acc_t(z[y]), true, r), true, lse, eps, eps_over_c, s));
+    out[y] =
+        static_cast<scalar_t>(ce_grad(robust_logit(zy, true, r), true, lse, eps, eps_over_c, s));
   }
 };
 
@@ -167,10 +168,11 @@ struct WeightedLoss {
                 Scratch<acc_t>& as, scalar_t* out) const {
     const acc_t* a = sparse ? nullptr : coefs(soft_row(b, j), y, as);
     const acc_t A = sparse ? coef(acc_t(1), y) : cpu::row_sum(a, C);
+    const acc_t zy = y >= 0 ? acc_t(z[y]) : acc_t(0);  // read first: `out` may be `z`
     cpu::softmax_grad_row(z, C, r, lse, A, a, acc_t(0), s, out);
     if (y >= 0) {
       out[y] = static_cast<scalar_t>(
-          weighted_ce_grad(robust_logit(acc_t(z[y]), true, r), coef(acc_t(1), y), lse, A, s));
+          weighted_ce_grad(robust_logit(zy, true, r), coef(acc_t(1), y), lse, A, s));
     }
   }
 };
@@ -296,6 +298,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
   return out.as_tuple();
 }
 
+// The backward into `grad`, which may be the logits themselves: each row is read before it is
+// written (the target logit is read first, since it is rewritten after the row loop).
+void backward_into(bool weighted, const at::Tensor& grad_loss, const at::Tensor& logits,
+                   const at::Tensor& target, const c10::optional<at::Tensor>& radius,
+                   const at::Tensor& lse, const at::Tensor& weight, double label_smoothing,
+                   const c10::optional<at::Tensor>& class_weight, at::Tensor& grad) {
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
+  const c10::optional<at::Tensor> rad = contiguous(radius), cw = contiguous(class_weight);
+  with_loss(weighted, logits, tgt, cw, label_smoothing,
+            [&](const auto& L) { backward_impl(g, logits, rad, lse, weight, L, grad); });
+}
+
 at::Tensor worst_of_k_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                  const at::Tensor& target, const c10::optional<at::Tensor>& radius,
                                  const at::Tensor& lse, const at::Tensor& weight,
@@ -305,12 +320,23 @@ at::Tensor worst_of_k_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
       check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
   (void)ignore_index;  // ignored samples arrive with weight 0
   at::Tensor grad = at::empty_like(logits);
-  const at::Tensor g = grad_loss.contiguous();
-  const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
-  const c10::optional<at::Tensor> rad = contiguous(radius), cw = contiguous(class_weight);
-  with_loss(weighted, logits, tgt, cw, label_smoothing,
-            [&](const auto& L) { backward_impl(g, logits, rad, lse, weight, L, grad); });
+  backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,
+                class_weight, grad);
   return grad;
+}
+
+void worst_of_k_ce_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                   const at::Tensor& target,
+                                   const c10::optional<at::Tensor>& radius, const at::Tensor& lse,
+                                   const at::Tensor& weight, double label_smoothing,
+                                   int64_t ignore_index,
+                                   const c10::optional<at::Tensor>& class_weight) {
+  const bool weighted =
+      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  (void)ignore_index;
+  at::Tensor out = logits;  // the same storage: the gradient replaces the logits
+  backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,
+                class_weight, out);
 }
 
 }  // namespace
@@ -318,6 +344,7 @@ at::Tensor worst_of_k_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
 TORCH_LIBRARY_IMPL(fastmargin, CPU, m) {
   m.impl("worst_of_k_ce_fwd", &worst_of_k_ce_fwd_cpu);
   m.impl("worst_of_k_ce_bwd", &worst_of_k_ce_bwd_cpu);
+  m.impl("worst_of_k_ce_bwd_inplace", &worst_of_k_ce_bwd_inplace_cpu);
 }
 
 }  // namespace fastmargin

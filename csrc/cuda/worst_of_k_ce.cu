@@ -486,16 +486,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
   return out.as_tuple();
 }
 
-at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                  const at::Tensor& target, const c10::optional<at::Tensor>& radius,
-                                  const at::Tensor& lse, const at::Tensor& weight,
-                                  double label_smoothing, int64_t ignore_index,
-                                  const c10::optional<at::Tensor>& class_weight) {
-  const bool weighted =
-      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
-  c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor grad = at::empty_like(logits);
-  if (grad.numel() == 0) return grad;
+// The backward into `grad`, which may be the logits themselves: every element is read and then
+// written by the same thread, and the target logit is never re-read after its row is written.
+void backward_into(bool weighted, const at::Tensor& grad_loss, const at::Tensor& logits,
+                   const at::Tensor& target, const c10::optional<at::Tensor>& radius,
+                   const at::Tensor& lse, const at::Tensor& weight, double label_smoothing,
+                   int64_t ignore_index, const c10::optional<at::Tensor>& class_weight,
+                   at::Tensor& grad) {
+  if (grad.numel() == 0) return;
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
   const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
@@ -519,7 +517,34 @@ at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                                           max_vec<scalar_t>(), sizeof(scalar_t));
     launch_row_kernel<scalar_t, CeLaunch<kWeighted, target_t>::template Backward>(aligned, p.C, p);
   });
+}
+
+at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                  const at::Tensor& target, const c10::optional<at::Tensor>& radius,
+                                  const at::Tensor& lse, const at::Tensor& weight,
+                                  double label_smoothing, int64_t ignore_index,
+                                  const c10::optional<at::Tensor>& class_weight) {
+  const bool weighted =
+      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty_like(logits);
+  backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,
+                ignore_index, class_weight, grad);
   return grad;
+}
+
+void worst_of_k_ce_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                    const at::Tensor& target,
+                                    const c10::optional<at::Tensor>& radius, const at::Tensor& lse,
+                                    const at::Tensor& weight, double label_smoothing,
+                                    int64_t ignore_index,
+                                    const c10::optional<at::Tensor>& class_weight) {
+  const bool weighted =
+      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor out = logits;  // the same storage: the gradient replaces the logits
+  backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,
+                ignore_index, class_weight, out);
 }
 
 }  // namespace
@@ -527,6 +552,7 @@ at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
 TORCH_LIBRARY_IMPL(fastmargin, CUDA, m) {
   m.impl("worst_of_k_ce_fwd", &worst_of_k_ce_fwd_cuda);
   m.impl("worst_of_k_ce_bwd", &worst_of_k_ce_bwd_cuda);
+  m.impl("worst_of_k_ce_bwd_inplace", &worst_of_k_ce_bwd_inplace_cuda);
 }
 
 }  // namespace fastmargin
