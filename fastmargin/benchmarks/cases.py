@@ -104,6 +104,12 @@ def _wocce_ref(x, y):
     return ref.worst_of_k_cross_entropy(x, y, dim=0)
 
 
+def _wocce_inplace(x, y):
+    # The gradient overwrites x: its values drift between repetitions, which the timing and
+    # the memory it measures do not depend on.
+    return fm.worst_of_k_cross_entropy(x, y, dim=0, inplace_backward=True)
+
+
 def worst_of_k_case(rows: int, classes: int, k: int, dtype: torch.dtype) -> Case:
     """Worst-of-k CE forward + backward on ``rows = B * k`` rows of ``classes`` logits in the
     copy-major layout (k, B, C) (what ``torch.cat`` of k augmented batches gives)."""
@@ -112,6 +118,8 @@ def worst_of_k_case(rows: int, classes: int, k: int, dtype: torch.dtype) -> Case
     def setup(device: str) -> Dict[str, Provider]:
         x, y = _random_logits(device, (k, B, classes), dtype, classes, B)
         providers = _providers(_wocce_fm, _wocce_ref, (x, y), backward=True)
+        scratch = x.detach().clone().requires_grad_(True)  # overwritten by its gradient
+        providers["fastmargin inplace"] = _forward_backward(_wocce_inplace, (scratch, y))
         liger = _liger_cross_entropy()
         if k == 1 and liger is not None and device == "cuda":
             providers["liger"] = _forward_backward(
