@@ -38,6 +38,7 @@ def _want_cuda() -> bool:
 
 
 WANT_CUDA = _want_cuda()
+os.chdir(ROOT)  # relative source paths below
 
 import torch  # noqa: E402  (after CUDA_HOME is settled)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -57,9 +58,15 @@ def _cuda_library_includes() -> list[str]:
     )
 
 
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern)))
+
+
 def _extension():
     include_dirs = [str(ROOT / "csrc" / "include")]
-    sources = [str(ROOT / "csrc" / "ops.cpp")] + sorted(glob.glob(str(ROOT / "csrc/cpu/*.cpp")))
+    # Sources relative to this file: setuptools refuses absolute paths when building wheels
+    # (pip install, editable or not).
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     # torch adds the C++ standard it was built with. -fno-trapping-math lets gcc if-convert the
     # branch-free lane loops of cpu_vec_math.h into SIMD (it changes no NaN/inf semantics).
     cxx_flags = ["-O3", "-fno-trapping-math"]
@@ -75,7 +82,7 @@ def _extension():
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    sources += sorted(glob.glob(str(ROOT / "csrc/cuda/*.cu")))
+    sources += _sources("csrc/cuda/*.cu")
     return CUDAExtension(
         "fastmargin._C",
         sources,
