@@ -455,6 +455,11 @@ void dispatch_ce(bool weighted, const at::Tensor& logits, const at::Tensor& targ
                                   [&] { body(scalar_t(0), scalar_t(0), std::false_type{}); });
 }
 
+// An optional input as the kernels read it: contiguous, or undefined (a nullptr) when absent.
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& radius,
     double temperature, double label_smoothing, int64_t ignore_index,
@@ -464,8 +469,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
   WorstOfKForward out = WorstOfKForward::allocate(logits, radius.has_value());
   if (logits.size(0) == 0) return out.as_tuple();
   const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
-  const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
-  const at::Tensor cw = class_weight.has_value() ? class_weight->contiguous() : at::Tensor();
+  const at::Tensor rad = contiguous_or_undefined(radius);
+  const at::Tensor cw = contiguous_or_undefined(class_weight);
   dispatch_ce(weighted, logits, tgt, [&](auto s, auto t, auto weighted_tag) {
     using scalar_t = decltype(s);
     using target_t = decltype(t);
@@ -496,8 +501,8 @@ void backward_into(bool weighted, const at::Tensor& grad_loss, const at::Tensor&
   if (grad.numel() == 0) return;
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
-  const at::Tensor rad = radius.has_value() ? radius->contiguous() : at::Tensor();
-  const at::Tensor cw = class_weight.has_value() ? class_weight->contiguous() : at::Tensor();
+  const at::Tensor rad = contiguous_or_undefined(radius);
+  const at::Tensor cw = contiguous_or_undefined(class_weight);
   dispatch_ce(weighted, logits, tgt, [&](auto s, auto t, auto weighted_tag) {
     using scalar_t = decltype(s);
     using target_t = decltype(t);
