@@ -6,30 +6,21 @@ from typing import Tuple, Union
 
 import torch
 
+from . import _ce_layout as layout
 from . import _target_checks as tc
 from . import _validation as v
-from ._ops import ops
+from ._autocast import loss_dtype
+from ._ops import _non_overlapping_and_dense, ops
 from .reference import reduce_cross_entropy
 
 LossAndIndex = Tuple[torch.Tensor, torch.Tensor]
-
-
-def _as_batch_copies_classes(logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """A (B, k, C) view of 3-D logits with copies along ``dim`` (no copy unless the class dim
-    is strided, which the kernels cannot read in place)."""
-    if dim not in (0, 1, -3, -2):
-        raise ValueError(f"dim: expected 0 (copies first, (k, B, C)) or 1 ((B, k, C)), got {dim}")
-    x = logits.transpose(0, 1) if dim in (0, -3) else logits
-    if x.shape[2] > 1 and x.stride(2) != 1:
-        x = x.contiguous()
-    return x
 
 
 def worst_of_k_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    dim: int = 1,
+    dim: int | None = None,
     temperature: float = 0.0,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
@@ -61,74 +52,138 @@ def worst_of_k_cross_entropy(
     a is exactly 0 are skipped, so a class masked with -inf that carries no target mass gives
     a finite loss (``F.cross_entropy`` gives NaN there for probability targets).
 
+    Shape rule. Without ``dim`` the call accepts exactly what ``F.cross_entropy`` accepts and
+    returns the same number (k = 1 copy of every sample), for every reduction,
+    ``ignore_index``, ``label_smoothing`` and ``weight``:
+
+    ==========================  =====================================  ====================
+    logits                      target                                 ``'none'`` gives
+    ==========================  =====================================  ====================
+    (C,)                        () class index, or (C,) probabilities  ()
+    (N, C)                      (N,), or (N, C)                        (N,)
+    (N, C, d1, ..., dm)         (N, d1, ..., dm), or the logits' shape (N, d1, ..., dm)
+    ==========================  =====================================  ====================
+
+    With ``dim`` named the logits are 3-D and hold k copies of each sample along it:
+    ``dim=0`` is (k, B, C), the layout of ``torch.cat`` of k augmented batches viewed as
+    (k, B, C); ``dim=1`` is (B, k, C). A 3-D input without ``dim`` is read as spatial, as
+    ``F.cross_entropy`` reads it; a (B,) class-index target then raises a ValueError that
+    asks for ``dim=0`` or ``dim=1``.
+
     Args:
-        logits: 3-D float32 / float16 / bfloat16 (or float64) logits with the copies along
-            ``dim``: ``dim=1`` is (B, k, C); ``dim=0`` is (k, B, C), the layout of
-            ``torch.cat`` of k augmented batches viewed as (k, B, C). Neither layout is
-            copied; the class dim must have stride 1 (otherwise it is copied once).
-        target: (B,) integer class indices in [0, C), or ``ignore_index`` (that sample
-            contributes 0, and ``'mean'`` divides by the number of samples not ignored);
-            or floating class probabilities, either (B, C) shared by the k copies or one row
-            per copy in the logits' layout ((B, k, C) for ``dim=1``, (k, B, C) for ``dim=0``;
-            e.g. CutMix / MixUp labels of each augmented copy). Probability rows are used as
-            given (rows that are not distributions are the caller's responsibility), in the
-            logits' dtype or float32 (other floating dtypes are converted);
-            ``ignore_index`` does not apply to them, and ``'mean'`` divides by B. They are
-            read in the same sweep as the logits, and are differentiable.
-        dim: the copy dimension, 0 or 1.
+        logits: float32 / float16 / bfloat16 (or float64) logits, shaped by the rule above.
+            (C,) and (N, C) logits and both copy layouts are read in place; spatial logits
+            are copied once into (N·d1·…·dm, C) rows (one transposing copy, unless they
+            already lie class-last in memory, e.g. channels-last). The class dim must have
+            stride 1 (otherwise it is copied once).
+        target: integer class indices in [0, C), or ``ignore_index`` (that sample
+            contributes 0, and ``'mean'`` divides by the number of samples not ignored),
+            one per sample: shaped as above, or (B,) with ``dim`` (shared by the copies).
+            Or floating class probabilities: the logits' shape without ``dim``; with ``dim``
+            either (B, C) shared by the k copies or one row per copy in the logits' layout
+            ((B, k, C) for ``dim=1``, (k, B, C) for ``dim=0``; e.g. CutMix / MixUp labels of
+            each augmented copy). Probability rows are used as given (rows that are not
+            distributions are the caller's responsibility), in the logits' dtype or float32
+            (other floating dtypes are converted); ``'mean'`` divides by the number of
+            samples, and, as in ``F.cross_entropy``, an ``ignore_index`` >= 0 is refused
+            (RuntimeError). They are read in the same sweep as the logits, and are
+            differentiable.
+        dim: None (the default: ``F.cross_entropy``'s shapes), or the copy dimension of 3-D
+            logits, 0 or 1.
         temperature: 0 for the hard max, > 0 for the smooth max.
         label_smoothing: ε in [0, 1], PyTorch's meaning.
         ignore_index: target value that marks a sample to skip.
-        reduction: ``'mean'`` | ``'sum'`` | ``'none'`` (per-sample (B,) losses).
-        return_index: also return the (B,) int64 index of each sample's worst copy.
+        reduction: ``'mean'`` | ``'sum'`` | ``'none'`` (per-sample losses, shaped as
+            ``F.cross_entropy``'s without ``dim``, (B,) with it).
+        return_index: also return the int64 index of each sample's worst copy, shaped like
+            the per-sample losses (all zeros without ``dim``: one copy).
         inplace_backward: write the gradient over ``logits`` during the forward (eager mode
             and a scalar loss only; ignored under ``torch.compile``). Saves the logits-sized
             gradient allocation for a terminal loss, as the fused kernels of Liger do;
             afterwards ``logits`` holds d loss / d logits (times the upstream gradient once
-            backward has run), so it must not be used for anything else.
+            backward has run), so it must not be used for anything else. Refused (with a
+            RuntimeError) for logits that are a leaf tensor requiring grad, such as an
+            ``nn.Parameter``, or a view of one; a second backward through the loss raises a
+            RuntimeError. Logits whose memory cannot take the gradient element for element
+            (overlapping, e.g. ``z.unsqueeze(1).expand(B, k, C)``, or a strided window of a
+            larger buffer) take the out-of-place path instead and are left unchanged; where
+            the rule above copies the logits (spatial, strided class dim) the copy is
+            overwritten, not the logits. The write bumps the logits' version counter, so
+            another autograd node that saved them raises at backward.
         weight: optional (C,) class weights w, as in ``F.cross_entropy`` (converted to
             float32, float64 for float64 logits; not differentiable). With class-index
             targets ``'mean'`` divides by :math:`\sum_b w_{y_b}` over the samples not ignored
             (for worst-of-k: the weight of each sample's class, whichever copy is the worst).
 
     Returns:
-        The loss in the logits' dtype (accumulated in float32), and with ``return_index`` the
-        worst-copy indices.
+        The loss (accumulated in float32) in the logits' dtype, or in float32 for float16 /
+        bfloat16 logits inside ``torch.autocast`` (as ``F.cross_entropy``; the logits are not
+        copied to float32), and with ``return_index`` the worst-copy indices. With no classes
+        (C = 0) the result is ``F.cross_entropy``'s: 0 per sample (NaN for a class index,
+        which is then out of range); 'mean' is NaN.
 
     Raises:
         TypeError, ValueError, RuntimeError for malformed arguments; IndexError for a target
-        out of range (checked while ``fm.set_validation`` is on; without the check such a
-        sample's loss is NaN).
+        out of range (checked while ``fm.set_validation`` is on, and never inside a
+        ``torch.compile`` graph: there, and with validation off, such a sample's loss is NaN).
     """
-    v.check_logits(logits, 3, "(B, k, C) for dim=1 or (k, B, C) for dim=0")
-    x = _as_batch_copies_classes(logits, dim)
+    rows = layout.rows(logits, target, dim)
+    x, target = rows.x, rows.target
     B, k, C = x.shape
-    if k == 0:
-        raise ValueError("logits: the copy dimension is empty (k = 0); need at least one copy")
-    if C == 0:
-        raise ValueError("logits: the class dimension is empty (C = 0)")
     temperature = v.check_nonnegative(temperature, "temperature")
     label_smoothing = v.check_label_smoothing(label_smoothing)
     v.check_reduction(reduction)
     if tc.is_probability_target(target):
-        target = tc.check_probability_target(target, logits, x, dim)
+        _check_ignore_index_for_probabilities(ignore_index)
     else:
         target = v.check_class_target(target, B, C, ignore_index, logits)
     class_weight = tc.check_class_weight(weight, C, logits)
 
     args = (target, temperature, label_smoothing, ignore_index, class_weight)
-    if inplace_backward and _use_inplace_backward(logits, target, reduction):
-        copies_first = dim in (0, -3)
-        loss, index = _GradientIntoLogits.apply(logits, x, copies_first, reduction, *args)
+    if C == 0:
+        per_sample, index = _no_classes(x, target, ignore_index)
+        loss = reduce_cross_entropy(per_sample, target, ignore_index, reduction, class_weight)
+        if reduction == "mean" and target.is_floating_point():
+            loss = loss * float("nan")  # F.cross_entropy divides by numel / C = 0 / 0 here
+    elif inplace_backward and _use_inplace_backward(logits, x, target, reduction):
+        loss, index = _GradientIntoLogits.apply(x, reduction, *args)
     else:
         per_sample, _lse, _weight, index, _dr = ops.worst_of_k_ce_fwd(x, args[0], None, *args[1:])
         loss = reduce_cross_entropy(per_sample, target, ignore_index, reduction, class_weight)
-    loss = loss.to(logits.dtype)
-    return (loss, index) if return_index else loss
+    if reduction == "none":
+        loss = loss.reshape(rows.loss_shape)
+    loss = loss.to(loss_dtype(logits))
+    return (loss, index.reshape(rows.loss_shape)) if return_index else loss
 
 
-def _use_inplace_backward(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> bool:
-    """Whether the in-place option applies: eager mode, a scalar loss, a gradient wanted."""
+def _check_ignore_index_for_probabilities(ignore_index: int) -> None:
+    """F.cross_entropy refuses a class-valued ignore_index with probability targets (a negative
+    one, the default -100 included, can never name a class and is accepted)."""
+    if ignore_index >= 0:
+        raise RuntimeError(
+            f"ignore_index: not supported for floating point (probability) targets, got "
+            f"{ignore_index} (as in F.cross_entropy: leave it at its default)"
+        )
+
+
+def _no_classes(x: torch.Tensor, target: torch.Tensor, ignore_index: int) -> LossAndIndex:
+    """C = 0, as F.cross_entropy: a sample's loss is 0 (a probability target, or an ignored
+    class index) or NaN (a class index, necessarily out of range: IndexError while validation
+    is on); 'mean' is NaN for probability targets (PyTorch divides by numel / C). Built from the inputs so that autograd still reaches them (empty gradients)."""
+    B = x.shape[0]
+    per_sample = x.sum(dim=(1, 2)).to(tc.stats_dtype(x))
+    if target.is_floating_point():
+        per_sample = per_sample + target.reshape(B, -1).sum(dim=1).to(per_sample.dtype)
+    else:
+        per_sample = torch.where(target == ignore_index, per_sample, float("nan"))
+    return per_sample, torch.zeros(B, dtype=torch.long, device=x.device)
+
+
+def _use_inplace_backward(
+    logits: torch.Tensor, x: torch.Tensor, target: torch.Tensor, reduction: str
+) -> bool:
+    """Whether the in-place option applies: eager mode, a scalar loss, a gradient wanted, and
+    logits whose memory may be overwritten (else the out-of-place ops compute the same)."""
     if reduction == "none":
         raise ValueError(
             "inplace_backward: needs a scalar loss (reduction 'mean' or 'sum'), got 'none'"
@@ -137,31 +192,35 @@ def _use_inplace_backward(logits: torch.Tensor, target: torch.Tensor, reduction:
         return False  # traced graphs must not mutate their inputs: the out-of-place ops
     if target.is_floating_point() and target.requires_grad:
         raise ValueError("inplace_backward: not available with a target that requires grad")
-    return torch.is_grad_enabled() and logits.requires_grad
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return False
+    base = logits if logits._base is None else logits._base
+    if base.is_leaf:
+        raise RuntimeError(
+            "inplace_backward: logits are a leaf tensor that requires grad (e.g. an "
+            "nn.Parameter), or a view of one; the option would overwrite them. Pass "
+            "inplace_backward=False, or logits computed by the model"
+        )
+    # Overlapping memory (e.g. one row expanded into k copies) or a strided window of a larger
+    # buffer: the gradient cannot be written over it element for element.
+    return x.numel() < 2 or _non_overlapping_and_dense(x)
 
 
 class _GradientIntoLogits(torch.autograd.Function):
-    """The loss, with dloss/dlogits written over the logits' own storage in the forward.
+    """The loss, with dloss/dx written over the rows' own storage in the forward.
 
-    The gradient of the reduced loss (for an upstream gradient of 1) is computed by the
-    backward op right after the forward op, straight into the logits buffer, so no
-    logits-sized gradient is ever allocated; the backward only scales it by the upstream
-    gradient (one in-place pass; no host sync to test whether it is 1).
+    ``x`` is the (B, k, C) rows of the logits: a view of them (their memory is overwritten), or
+    the one copy the shape rule made (a strided class dim, spatial logits). The gradient of the
+    reduced loss (for an upstream gradient of 1) is computed by the backward op right after
+    the forward op, straight into that buffer, so no logits-sized gradient is ever allocated;
+    the backward only scales it by the upstream gradient (one in-place pass; no host sync to
+    test whether it is 1), and autograd maps it back through the view to the logits' layout.
+    The write bumps the logits' version counter, so an autograd node that saved them for its
+    own backward raises instead of reading the gradient as logits.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        logits,
-        x,
-        copies_first,
-        reduction,
-        target,
-        temperature,
-        eps,
-        ignore_index,
-        class_weight,
-    ):
+    def forward(ctx, x, reduction, target, temperature, eps, ignore_index, class_weight):
         per_sample, lse, weight, index, _dr = ops.worst_of_k_ce_fwd(
             x, target, None, temperature, eps, ignore_index, class_weight
         )
@@ -172,14 +231,19 @@ class _GradientIntoLogits(torch.autograd.Function):
         ops.worst_of_k_ce_bwd_inplace(
             g.contiguous(), x, target, None, lse, weight, eps, ignore_index, class_weight
         )
-        # x is a view of the logits (or, for a strided class dim, the one copy made of them):
-        # it now holds the gradient, returned in the logits' layout.
-        ctx.gradient = x.detach().transpose(0, 1) if copies_first else x.detach()
+        torch.autograd.graph.increment_version(x)
+        ctx.gradient = x.detach()
         ctx.mark_non_differentiable(index)
         return loss.detach(), index
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_index):
         gradient = ctx.gradient
-        del ctx.gradient
-        return gradient.mul_(grad_loss), None, None, None, None, None, None, None, None
+        if gradient is None:
+            raise RuntimeError(
+                "inplace_backward: the gradient written over the logits was already used by "
+                "a first backward; a second backward through this loss (retain_graph=True) "
+                "is not supported. Pass inplace_backward=False to backpropagate twice"
+            )
+        ctx.gradient = None
+        return gradient.mul_(grad_loss), None, None, None, None, None, None

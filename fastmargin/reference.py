@@ -63,7 +63,7 @@ def worst_of_k_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    dim: int = 1,
+    dim: int | None = None,
     temperature: float = 0.0,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
@@ -73,18 +73,26 @@ def worst_of_k_cross_entropy(
 ):
     """Worst-of-k cross-entropy.
 
+    Without ``dim``: F.cross_entropy itself, on every shape it accepts (k = 1; the worst-copy
+    index is 0 for every sample). A 3-D input with a (B,) class-index target is refused: it
+    would be read as spatial, and is most likely k copies whose ``dim`` was forgotten.
+    With ``dim`` (0 or 1), 3-D logits hold k copies along it, and
     L_b = max_j l_bj (temperature 0; ties to the lowest j, gradient into that copy only), or
     L_b = tau * log((1/k) sum_j exp(l_bj / tau)) for tau > 0; then F.cross_entropy's reduction
     (see :func:`reduce_cross_entropy` for class weights and probability targets).
     """
-    ce = cross_entropy_per_copy(
-        logits,
-        target,
-        dim=dim,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        weight=weight,
-    )
+    options = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, weight=weight)
+    if dim is None:
+        if logits.dim() == 3 and not target.is_floating_point() and target.dim() == 1:
+            raise ValueError("target: a (B,) target with 3-D logits needs dim=0 or dim=1")
+        loss = F.cross_entropy(logits, target, reduction=reduction, **options)
+        samples = list(logits.shape)
+        del samples[min(1, logits.dim() - 1)]  # the class dim: 0 for (C,), 1 otherwise
+        index = torch.zeros(samples, dtype=torch.long, device=logits.device)
+        return (loss, index) if return_index else loss
+    if logits.dim() != 3:
+        raise ValueError(f"logits: expected 3-D logits with copies along dim={dim}")
+    ce = cross_entropy_per_copy(logits, target, dim=dim, **options)
     k = ce.shape[1]
     worst, index = ce.max(dim=1)
     if temperature > 0:

@@ -23,6 +23,7 @@ from typing import Tuple, Union
 import torch
 
 from . import _validation as v
+from ._autocast import loss_dtype
 from ._ops import ops, stats_dtype
 from .modules import LossModule
 from .reference import reduce_loss
@@ -184,7 +185,8 @@ def weight_noise_worst_of_k_cross_entropy(
             the logits' device. A fresh state is drawn on every call.
 
     Returns:
-        The loss in the logits' dtype (accumulated in float32), and with ``return_index`` the
+        The loss in the logits' dtype (accumulated in float32; float32 for float16 / bfloat16
+        logits inside ``torch.autocast``, as ``F.cross_entropy``), and with ``return_index`` the
         worst-copy indices.
 
     Raises:
@@ -205,7 +207,7 @@ def weight_noise_worst_of_k_cross_entropy(
     per_sample, _lse, _weight, index = ops.weight_noise_ce_fwd(
         x, target, s, philox, k, temperature, label_smoothing, ignore_index
     )
-    loss = reduce_loss(per_sample, target, ignore_index, reduction).to(logits.dtype)
+    loss = reduce_loss(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))
     return (loss, index) if return_index else loss
 
 

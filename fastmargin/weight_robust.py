@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import _validation as v
+from ._autocast import loss_dtype
 from ._ops import ops, stats_dtype
 from .modules import LossModule
 from .reference import reduce_loss
@@ -82,7 +83,8 @@ def weight_robust_cross_entropy(
         reduction: ``'mean'`` | ``'sum'`` | ``'none'``.
 
     Returns:
-        The loss in the logits' dtype (accumulated in float32).
+        The loss in the logits' dtype (accumulated in float32; float32 for float16 / bfloat16
+        logits inside ``torch.autocast``, as ``F.cross_entropy``).
     """
     x = v.check_rows_of_logits(logits)
     N, C = x.shape
@@ -93,7 +95,7 @@ def weight_robust_cross_entropy(
     per_sample, _lse, _weight, _index, _dr = ops.worst_of_k_ce_fwd(
         x.unsqueeze(1), target, r, 0.0, label_smoothing, ignore_index
     )
-    return reduce_loss(per_sample, target, ignore_index, reduction).to(logits.dtype)
+    return reduce_loss(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))
 
 
 def dual_exponent(p: float) -> float:

@@ -42,6 +42,7 @@ def ref_dtype(dtype):
 def check_against_reference(x, target, kwargs, weight=None):
     """fm vs reference on the same (rounded) inputs: loss, index, d/dlogits and, for
     floating targets that require grad, d/dtarget."""
+    kwargs = {"dim": 1, **kwargs}  # (B, k, C) logits unless the caller names the layout
     tol = TOLS[x.dtype]
     rd = ref_dtype(x.dtype)
     xr = x.detach().to(rd).requires_grad_(True)

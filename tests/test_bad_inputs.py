@@ -21,7 +21,8 @@ CASES = [
     ("int logits", lambda x, t, kw: (x.long(), t, kw), TypeError, "logits: expected a floating"),
     ("list logits", lambda x, t, kw: (x.tolist(), t, kw), TypeError, "logits: expected a torch"),
     ("k = 0", lambda x, t, kw: (x[:, :0], t, kw), ValueError, "k = 0"),
-    ("C = 0", lambda x, t, kw: (x[..., :0], t, kw), ValueError, "C = 0"),
+    # No classes: every class index is out of range, as in F.cross_entropy.
+    ("C = 0", lambda x, t, kw: (x[..., :0], t, kw), IndexError, "out of range for 0 classes"),
     ("short target", lambda x, t, kw: (x, t[:3], kw), ValueError, "target: expected shape (4,)"),
     ("2-D target", lambda x, t, kw: (x, t[:, None], kw), ValueError, "target: expected shape"),
     ("float target", lambda x, t, kw: (x, t.float(), kw), TypeError, "target: expected an integer"),
@@ -83,7 +84,7 @@ def test_bad_input_raises_clear_error_and_leaves_inputs_unchanged(case):
     x, t, kw = change(logits, target, {})
     snapshot = [a.clone() for a in (x, t) if isinstance(a, torch.Tensor) and a.device.type == "cpu"]
     with pytest.raises(exc, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        fm.worst_of_k_cross_entropy(x, t, **kw)
+        fm.worst_of_k_cross_entropy(x, t, **{"dim": 1, **kw})
     after = [a for a in (x, t) if isinstance(a, torch.Tensor) and a.device.type == "cpu"]
     for before, now in zip(snapshot, after):
         assert torch.equal(before, now)
@@ -95,11 +96,11 @@ def test_validation_can_be_switched_off_and_on():
     target[0] = 99
     fm.set_validation(False)
     assert not fm.validation_enabled()
-    loss = fm.worst_of_k_cross_entropy(logits, target, reduction="none")
+    loss = fm.worst_of_k_cross_entropy(logits, target, dim=1, reduction="none")
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1:]).all()
     fm.set_validation(True)
     with pytest.raises(IndexError, match="target"):
-        fm.worst_of_k_cross_entropy(logits, target)
+        fm.worst_of_k_cross_entropy(logits, target, dim=1)
 
 
 def test_env_var_disables_validation_at_import():

@@ -54,7 +54,7 @@ def test_negative_and_zero_weights_follow_pytorch():
         for reduction in ("none", "mean"):
             torch.testing.assert_close(
                 fm.worst_of_k_cross_entropy(
-                    x[:, None], y, weight=w, label_smoothing=eps, reduction=reduction
+                    x[:, None], y, dim=1, weight=w, label_smoothing=eps, reduction=reduction
                 ),
                 F.cross_entropy(x, y, weight=w, label_smoothing=eps, reduction=reduction),
             )
@@ -65,11 +65,11 @@ def test_mean_divides_by_selected_weights_of_samples_not_ignored():
     x = make_logits(5, 3, 4, 1, torch.float64, "cpu", gen)
     y = torch.tensor([0, 3, -100, 1, 3])
     w = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
-    per_sample = fm.worst_of_k_cross_entropy(x, y, weight=w, reduction="none")
-    mean = fm.worst_of_k_cross_entropy(x, y, weight=w)
+    per_sample = fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w, reduction="none")
+    mean = fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w)
     torch.testing.assert_close(mean, per_sample.sum() / (0.5 + 3.0 + 2.0 + 3.0))
     # the per-copy loss inside the max is the weighted one: w_y * CE
-    plain = fm.worst_of_k_cross_entropy(x, y, reduction="none")
+    plain = fm.worst_of_k_cross_entropy(x, y, dim=1, reduction="none")
     torch.testing.assert_close(per_sample, plain * torch.where(y >= 0, w[y.clamp(0)], 0))
 
 
@@ -77,9 +77,9 @@ def test_all_ignored_mean_is_nan_like_pytorch():
     x = torch.randn(3, 2, 4)
     y = torch.full((3,), -100)
     w = torch.rand(4) + 0.1
-    assert torch.isnan(fm.worst_of_k_cross_entropy(x, y, weight=w))
+    assert torch.isnan(fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w))
     assert torch.isnan(F.cross_entropy(x[:, 0], y, weight=w))
-    assert fm.worst_of_k_cross_entropy(x, y, weight=w, reduction="sum") == 0
+    assert fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w, reduction="sum") == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -113,8 +113,8 @@ def test_masked_classes(device):
     x.requires_grad_(True)
     y = torch.tensor([0, 1, 2, 5], device=device)
     w = (torch.rand(6, generator=gen) + 0.5).to(device)
-    loss = fm.worst_of_k_cross_entropy(x, y, weight=w, reduction="none")
-    ref = R.worst_of_k_cross_entropy(x, y, weight=w, reduction="none")
+    loss = fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w, reduction="none")
+    ref = R.worst_of_k_cross_entropy(x, y, dim=1, weight=w, reduction="none")
     torch.testing.assert_close(loss, ref)
     (g,) = torch.autograd.grad(loss.sum(), x)
     assert torch.isfinite(g).all() and torch.all(g[:, :, 4] == 0)
@@ -125,8 +125,8 @@ def test_large_logits_are_exact():
     x = (torch.randn(8, 3, 33, generator=gen) * 1e4).float()
     y = torch.randint(0, 33, (8,), generator=gen)
     w = torch.rand(33, generator=gen) + 0.5
-    got = fm.worst_of_k_cross_entropy(x, y, weight=w, reduction="none")
-    ref = R.worst_of_k_cross_entropy(x.double(), y, weight=w.double(), reduction="none")
+    got = fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w, reduction="none")
+    ref = R.worst_of_k_cross_entropy(x.double(), y, dim=1, weight=w.double(), reduction="none")
     torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=1e-3)
 
 
@@ -135,12 +135,12 @@ def test_validation_off_out_of_range_target_gives_nan_not_a_fault():
     y = torch.tensor([0, 9, 1])
     w = torch.rand(4) + 0.1
     fm.set_validation(False)
-    loss = fm.worst_of_k_cross_entropy(x, y, weight=w, reduction="none")
+    loss = fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w, reduction="none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
-    assert torch.isnan(fm.worst_of_k_cross_entropy(x, y, weight=w))
+    assert torch.isnan(fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w))
     fm.set_validation(True)
     with pytest.raises(IndexError, match="target"):
-        fm.worst_of_k_cross_entropy(x, y, weight=w)
+        fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w)
 
 
 # --- gradcheck, the weight-robust radius with class weights, opcheck, compile ------------------
@@ -165,7 +165,7 @@ def _robust_reference(x, y, r, w, eps, tau):
     onehot = F.one_hot(y.clamp(0), x.shape[-1]).to(x.dtype)[:, None, :]
     zt = x + r[:, None, None] * (1 - 2 * onehot)
     return R.worst_of_k_cross_entropy(
-        zt, y, temperature=tau, label_smoothing=eps, weight=w, reduction="none"
+        zt, y, dim=1, temperature=tau, label_smoothing=eps, weight=w, reduction="none"
     )
 
 
@@ -213,7 +213,7 @@ def test_compile_fullgraph():
     w = torch.rand(12, generator=gen) + 0.1
 
     def f(x, y):
-        return fm.worst_of_k_cross_entropy(x, y, weight=w, label_smoothing=0.1)
+        return fm.worst_of_k_cross_entropy(x, y, dim=1, weight=w, label_smoothing=0.1)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = compiled(x, y)
@@ -249,7 +249,7 @@ def test_bad_weights(make_weight, exc, fragment, soft):
         else None
     )
     with pytest.raises(exc, match=fragment):
-        fm.worst_of_k_cross_entropy(x, target, weight=weight)
+        fm.worst_of_k_cross_entropy(x, target, dim=1, weight=weight)
     assert torch.equal(x, x0) and torch.equal(target, t0)
     if w0 is not None:
         assert torch.equal(weight, w0)

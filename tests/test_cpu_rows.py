@@ -31,6 +31,7 @@ def _compare_sum(logits, tgt, ref_logits, ref_tgt, kw, ref_kw, dtype, masked=Non
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = logits.detach().clone().requires_grad_(True)
     ref_in = ref_logits.detach().to(acc).clone().requires_grad_(True)
+    kw, ref_kw = {"dim": 1, **kw}, {"dim": 1, **ref_kw}
     ours = fm.worst_of_k_cross_entropy(x, tgt, reduction="sum", temperature=0.3, **kw)
     theirs = ref.worst_of_k_cross_entropy(
         ref_in, ref_tgt, reduction="sum", temperature=0.3, **ref_kw
@@ -71,7 +72,7 @@ def test_long_rows_masks_nan_and_all_masked_copy(dtype, C):
     logits[1, 2, C // 2] = float("nan")  # NaN: sample 1 only
     logits[2, 0] = float("-inf")  # a fully masked copy: NaN loss for sample 2, as before
     x = logits.clone().requires_grad_(True)
-    per = fm.worst_of_k_cross_entropy(x, target, reduction="none")
+    per = fm.worst_of_k_cross_entropy(x, target, dim=1, reduction="none")
     per.sum().backward()
     assert torch.isnan(per[[1, 2]]).all()
     assert torch.isfinite(per[[0, 3]]).all()

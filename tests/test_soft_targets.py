@@ -79,7 +79,7 @@ def test_k1_matches_cross_entropy_probabilities(reduction, label_smoothing):
     for weight in (None, w):
         kw = dict(reduction=reduction, label_smoothing=label_smoothing, weight=weight)
         expected = F.cross_entropy(x, p, **kw)
-        got = fm.worst_of_k_cross_entropy(x[:, None], p, **kw)
+        got = fm.worst_of_k_cross_entropy(x[:, None], p, dim=1, **kw)
         torch.testing.assert_close(got, expected)
         g = torch.rand_like(expected)
         torch.testing.assert_close(
@@ -93,8 +93,8 @@ def test_mean_divides_by_batch_size():
     x = make_logits(5, 3, 4, 1, torch.float64, "cpu", gen)
     p = make_probs((5, 4), torch.float64, "cpu", gen)
     w = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
-    per_sample = fm.worst_of_k_cross_entropy(x, p, weight=w, reduction="none")
-    mean = fm.worst_of_k_cross_entropy(x, p, weight=w, reduction="mean")
+    per_sample = fm.worst_of_k_cross_entropy(x, p, dim=1, weight=w, reduction="none")
+    mean = fm.worst_of_k_cross_entropy(x, p, dim=1, weight=w, reduction="mean")
     torch.testing.assert_close(mean, per_sample.sum() / 5)
 
 
@@ -162,25 +162,27 @@ def test_masked_classes_with_zero_target_mass_are_finite():
     w = torch.rand(6, generator=gen) + 0.5
     keep = [0, 1, 3, 4, 5]
     x.requires_grad_(True)
-    loss = fm.worst_of_k_cross_entropy(x, p, weight=w, reduction="none")
+    loss = fm.worst_of_k_cross_entropy(x, p, dim=1, weight=w, reduction="none")
     expected = R.worst_of_k_cross_entropy(
-        x[:, :, keep], p[:, keep], weight=w[keep], reduction="none"
+        x[:, :, keep], p[:, keep], dim=1, weight=w[keep], reduction="none"
     )
     torch.testing.assert_close(loss, expected)
     (g,) = torch.autograd.grad(loss.sum(), x)
     assert torch.all(g[:, :, 2] == 0) and torch.isfinite(g).all()
     # With target mass on the masked class the loss is +inf, as -log(0) is.
     p[0, 2] = 0.5
-    assert fm.worst_of_k_cross_entropy(x.detach(), p, reduction="none")[0] == float("inf")
+    assert fm.worst_of_k_cross_entropy(x.detach(), p, dim=1, reduction="none")[0] == float("inf")
 
 
 def test_large_logits_are_exact():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(8, 3, 33, generator=gen, dtype=torch.float64) * 1e4
     p = make_probs((8, 3, 33), torch.float64, "cpu", gen)
-    got = fm.worst_of_k_cross_entropy(x.float(), p.float(), reduction="none", label_smoothing=0.1)
+    got = fm.worst_of_k_cross_entropy(
+        x.float(), p.float(), dim=1, reduction="none", label_smoothing=0.1
+    )
     ref = R.worst_of_k_cross_entropy(
-        x.float().double(), p.float().double(), reduction="none", label_smoothing=0.1
+        x.float().double(), p.float().double(), dim=1, reduction="none", label_smoothing=0.1
     )
     torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=0)
 
@@ -190,16 +192,16 @@ def test_nan_in_a_row_propagates_to_its_sample():
     x = torch.randn(3, 2, 5, generator=gen)
     x[1, 1, 3] = float("nan")
     p = make_probs((3, 5), torch.float32, "cpu", gen)
-    loss = fm.worst_of_k_cross_entropy(x, p, reduction="none")
+    loss = fm.worst_of_k_cross_entropy(x, p, dim=1, reduction="none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
 
 
 def test_empty_batch():
     x = torch.randn(0, 3, 4, requires_grad=True)
     p = torch.rand(0, 4)
-    assert torch.isnan(fm.worst_of_k_cross_entropy(x, p))  # as F.cross_entropy: 0 / 0
-    assert fm.worst_of_k_cross_entropy(x, p, reduction="sum") == 0
-    loss = fm.worst_of_k_cross_entropy(x, p, reduction="none")
+    assert torch.isnan(fm.worst_of_k_cross_entropy(x, p, dim=1))  # as F.cross_entropy: 0 / 0
+    assert fm.worst_of_k_cross_entropy(x, p, dim=1, reduction="sum") == 0
+    loss = fm.worst_of_k_cross_entropy(x, p, dim=1, reduction="none")
     assert loss.shape == (0,)
     (g,) = torch.autograd.grad(loss.sum(), x)
     assert g.shape == x.shape
@@ -326,7 +328,7 @@ def test_bad_targets(make_target, exc, fragment):
     x0 = x.clone()
     t0 = target.clone() if target.device.type != "meta" else None
     with pytest.raises(exc, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        fm.worst_of_k_cross_entropy(x, target)
+        fm.worst_of_k_cross_entropy(x, target, dim=1)
     assert torch.equal(x, x0)
     if t0 is not None:
         assert torch.equal(target, t0)
@@ -351,9 +353,9 @@ def test_target_dtypes_are_converted_or_kept():
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(4, 2, 6, generator=gen)
     p = make_probs((4, 6), torch.float64, "cpu", gen)
-    ref = R.worst_of_k_cross_entropy(x.double(), p, reduction="none")
+    ref = R.worst_of_k_cross_entropy(x.double(), p, dim=1, reduction="none")
     for t in (p, p.float(), p.half()):
-        got = fm.worst_of_k_cross_entropy(x, t, reduction="none")
+        got = fm.worst_of_k_cross_entropy(x, t, dim=1, reduction="none")
         torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=2e-3)
 
 
@@ -399,10 +401,10 @@ def test_cuda_more_than_2_31_logits_elements():
         pytest.skip("needs about 16 GiB of free GPU memory")
     x = torch.randn(B, k, C, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
     t = torch.rand(B, C, device="cuda", dtype=torch.bfloat16)  # shared rows, used as given
-    loss = fm.worst_of_k_cross_entropy(x, t, reduction="none", temperature=0.5)
+    loss = fm.worst_of_k_cross_entropy(x, t, dim=1, reduction="none", temperature=0.5)
     (g,) = torch.autograd.grad(loss.sum(), x)
     last = x[-2:].detach().float().requires_grad_(True)
-    ref = R.worst_of_k_cross_entropy(last, t[-2:].float(), reduction="none", temperature=0.5)
+    ref = R.worst_of_k_cross_entropy(last, t[-2:].float(), dim=1, reduction="none", temperature=0.5)
     (ref_g,) = torch.autograd.grad(ref.sum(), last)
     torch.testing.assert_close(loss[-2:].float(), ref, rtol=1.6e-2, atol=1e-2)
     torch.testing.assert_close(g[-2:].float(), ref_g, rtol=1.6e-2, atol=1e-2)

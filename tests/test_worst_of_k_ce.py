@@ -45,6 +45,7 @@ def make_case(B, k, C, *, dim=1, dtype=torch.float32, device="cpu", ignore_frac=
 
 def run_both(logits, target, **kw):
     """(loss, index, grad) from fastmargin and from the reference (in fp32 for half inputs)."""
+    kw = {"dim": 1, **kw}  # (B, k, C) unless the caller names the layout
     ref_in = logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     ref_in.requires_grad_(True)
     x = logits.detach().clone().requires_grad_(True)
@@ -107,7 +108,7 @@ def test_ignore_index(ignore_index):
     target[::3] = ignore_index
     check_against_reference(logits, target, ignore_index=ignore_index)
     x = logits.clone().requires_grad_(True)
-    per = fm.worst_of_k_cross_entropy(x, target, ignore_index=ignore_index, reduction="none")
+    per = fm.worst_of_k_cross_entropy(x, target, dim=1, ignore_index=ignore_index, reduction="none")
     per.sum().backward()
     ignored = target == ignore_index
     assert torch.all(per[ignored] == 0)
@@ -121,7 +122,7 @@ def test_k1_equals_cross_entropy(reduction, label_smoothing):
     x1 = logits.clone().requires_grad_(True)
     x2 = logits[:, 0].clone().requires_grad_(True)
     ours = fm.worst_of_k_cross_entropy(
-        x1, target, reduction=reduction, label_smoothing=label_smoothing
+        x1, target, dim=1, reduction=reduction, label_smoothing=label_smoothing
     )
     theirs = F.cross_entropy(x2, target, reduction=reduction, label_smoothing=label_smoothing)
     torch.testing.assert_close(ours, theirs)
@@ -133,7 +134,7 @@ def test_k1_equals_cross_entropy(reduction, label_smoothing):
 def test_ties_go_to_lowest_copy_and_gradient_only_there():
     logits, target = make_case(4, 1, 9, seed=11)
     x = logits.expand(4, 5, 9).clone().requires_grad_(True)  # five identical copies
-    loss, idx = fm.worst_of_k_cross_entropy(x, target, return_index=True)
+    loss, idx = fm.worst_of_k_cross_entropy(x, target, dim=1, return_index=True)
     loss.backward()
     assert torch.equal(idx, torch.zeros(4, dtype=torch.long))
     assert torch.any(x.grad[:, 0] != 0)
@@ -143,15 +144,15 @@ def test_ties_go_to_lowest_copy_and_gradient_only_there():
 def test_hard_max_selects_worst_copy():
     logits, target = make_case(6, 4, 10, seed=2)
     per_copy = ref.cross_entropy_per_copy(logits, target)
-    _, idx = fm.worst_of_k_cross_entropy(logits, target, return_index=True)
+    _, idx = fm.worst_of_k_cross_entropy(logits, target, dim=1, return_index=True)
     assert torch.equal(idx, per_copy.argmax(dim=1))
 
 
 def test_smooth_max_tends_to_hard_max_and_mean():
     logits, target = make_case(6, 4, 10, seed=4)
     per_copy = ref.cross_entropy_per_copy(logits, target)
-    cold = fm.worst_of_k_cross_entropy(logits, target, temperature=1e-3, reduction="none")
-    hot = fm.worst_of_k_cross_entropy(logits, target, temperature=1e4, reduction="none")
+    cold = fm.worst_of_k_cross_entropy(logits, target, dim=1, temperature=1e-3, reduction="none")
+    hot = fm.worst_of_k_cross_entropy(logits, target, dim=1, temperature=1e4, reduction="none")
     torch.testing.assert_close(cold, per_copy.max(dim=1).values, atol=5e-3, rtol=0)
     torch.testing.assert_close(hot, per_copy.mean(dim=1), atol=1e-3, rtol=1e-3)
 
@@ -163,18 +164,18 @@ def test_masked_classes_finite_loss_zero_grad():
     target[target == 1] = 0
     target[target == 4] = 2
     x = logits.masked_fill(mask, float("-inf")).requires_grad_(True)
-    loss = fm.worst_of_k_cross_entropy(x, target)
+    loss = fm.worst_of_k_cross_entropy(x, target, dim=1)
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.all(x.grad[..., mask] == 0)
-    torch.testing.assert_close(loss, ref.worst_of_k_cross_entropy(x.detach(), target))
+    torch.testing.assert_close(loss, ref.worst_of_k_cross_entropy(x.detach(), target, dim=1))
 
 
 def test_nan_propagates_to_its_row_only():
     logits, target = make_case(4, 3, 6, seed=1)
     logits[2, 1, 3] = float("nan")
     x = logits.clone().requires_grad_(True)
-    per = fm.worst_of_k_cross_entropy(x, target, reduction="none")
+    per = fm.worst_of_k_cross_entropy(x, target, dim=1, reduction="none")
     per.sum().backward()
     assert torch.isnan(per[2]) and torch.all(torch.isfinite(per[[0, 1, 3]]))
     assert torch.all(torch.isfinite(x.grad[[0, 1, 3]]))
@@ -193,17 +194,17 @@ def test_empty_batch_matches_cross_entropy():
     logits = torch.randn(0, 3, 5, requires_grad=True)
     target = torch.zeros(0, dtype=torch.long)
     for reduction in ("mean", "sum", "none"):
-        ours = fm.worst_of_k_cross_entropy(logits, target, reduction=reduction)
+        ours = fm.worst_of_k_cross_entropy(logits, target, dim=1, reduction=reduction)
         theirs = F.cross_entropy(logits[:, 0], target, reduction=reduction)
         torch.testing.assert_close(ours, theirs, equal_nan=True)
-    fm.worst_of_k_cross_entropy(logits, target, reduction="sum").backward()
+    fm.worst_of_k_cross_entropy(logits, target, dim=1, reduction="sum").backward()
     assert logits.grad.shape == logits.shape
 
 
 def test_all_ignored_mean_is_nan_like_cross_entropy():
     logits, target = make_case(3, 2, 4)
     target[:] = -100
-    ours = fm.worst_of_k_cross_entropy(logits, target)
+    ours = fm.worst_of_k_cross_entropy(logits, target, dim=1)
     theirs = F.cross_entropy(logits[:, 0], target)
     assert torch.isnan(ours) and torch.isnan(theirs)
 
@@ -237,7 +238,7 @@ def test_invalid_target_without_validation_is_nan_not_a_crash():
     target[2] = -3
     fm.set_validation(False)
     x = logits.clone().requires_grad_(True)
-    per = fm.worst_of_k_cross_entropy(x, target, reduction="none")
+    per = fm.worst_of_k_cross_entropy(x, target, dim=1, reduction="none")
     per.sum().backward()
     assert torch.isnan(per[1]) and torch.isnan(per[2])
     assert torch.isfinite(per[0]) and torch.isfinite(per[3])
@@ -264,7 +265,7 @@ def test_does_not_modify_inputs():
     logits, target = make_case(5, 3, 7)
     x = logits.clone().requires_grad_(True)
     t = target.clone()
-    fm.worst_of_k_cross_entropy(x, t, label_smoothing=0.1).backward()
+    fm.worst_of_k_cross_entropy(x, t, dim=1, label_smoothing=0.1).backward()
     assert torch.equal(x.detach(), logits) and torch.equal(t, target)
 
 
@@ -389,8 +390,8 @@ def test_cuda_matches_reference(dtype, B, k, C, dim):
 def test_cuda_matches_cpu_and_unaligned_views():
     base, target = make_case(9, 5, 203, seed=4)
     view = base[:, :, 1:]  # rows start off the 16-byte boundary: the scalar path
-    cpu = fm.worst_of_k_cross_entropy(view, target, reduction="none")
-    gpu = fm.worst_of_k_cross_entropy(view.cuda(), target.cuda(), reduction="none")
+    cpu = fm.worst_of_k_cross_entropy(view, target, dim=1, reduction="none")
+    gpu = fm.worst_of_k_cross_entropy(view.cuda(), target.cuda(), dim=1, reduction="none")
     torch.testing.assert_close(gpu.cpu(), cpu)
     check_against_reference(view.cuda(), target.cuda(), temperature=0.2)
 
@@ -404,7 +405,7 @@ def test_cuda_numerics_and_invalid_target():
     target[3] = 1000
     fm.set_validation(False)
     x = logits.clone().requires_grad_(True)
-    per = fm.worst_of_k_cross_entropy(x, target, reduction="none")
+    per = fm.worst_of_k_cross_entropy(x, target, dim=1, reduction="none")
     per.sum().backward()
     torch.cuda.synchronize()
     assert torch.isfinite(per[[0, 2]]).all() and torch.isnan(per[[1, 3]]).all()
@@ -418,7 +419,7 @@ def test_cuda_deterministic_stream_and_graph():
 
     def loss_and_grad():
         x.grad = None
-        loss = fm.worst_of_k_cross_entropy(x, target, temperature=0.3)
+        loss = fm.worst_of_k_cross_entropy(x, target, dim=1, temperature=0.3)
         loss.backward()
         return loss.detach().clone(), x.grad.clone()
 
@@ -435,7 +436,7 @@ def test_cuda_deterministic_stream_and_graph():
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        static_loss = fm.worst_of_k_cross_entropy(static_x, target, temperature=0.3)
+        static_loss = fm.worst_of_k_cross_entropy(static_x, target, dim=1, temperature=0.3)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_loss, a[0])
@@ -466,11 +467,11 @@ def test_cuda_int64_indexing_beyond_2_pow_31():
     logits = torch.randn(B, k, C, device="cuda", dtype=torch.bfloat16, generator=gen)
     target = torch.randint(0, C, (B,), device="cuda", generator=gen)
     x = logits.requires_grad_(True)
-    per, idx = fm.worst_of_k_cross_entropy(x, target, reduction="none", return_index=True)
+    per, idx = fm.worst_of_k_cross_entropy(x, target, dim=1, reduction="none", return_index=True)
     per.sum().backward()
     for b in (0, B // 2, B - 1):  # spot-check rows, including the last ones past 2^31
         row_ref, idx_ref = ref.worst_of_k_cross_entropy(
-            logits[b : b + 1].float(), target[b : b + 1], reduction="none", return_index=True
+            logits[b : b + 1].float(), target[b : b + 1], dim=1, reduction="none", return_index=True
         )
         torch.testing.assert_close(per[b : b + 1], row_ref, atol=1e-3, rtol=1e-3)
         assert int(idx[b]) == int(idx_ref[0])
@@ -531,11 +532,11 @@ def test_inplace_backward_rejects_unreduced_loss_and_is_plain_without_grad():
     logits, target = make_case(4, 2, 6)
     with pytest.raises(ValueError, match="inplace_backward"):
         fm.worst_of_k_cross_entropy(
-            logits.requires_grad_(True), target, reduction="none", inplace_backward=True
+            logits.requires_grad_(True), target, dim=1, reduction="none", inplace_backward=True
         )
     plain = logits.detach().clone()
     before = plain.clone()
-    fm.worst_of_k_cross_entropy(plain, target, inplace_backward=True)  # no grad wanted
+    fm.worst_of_k_cross_entropy(plain, target, dim=1, inplace_backward=True)  # no grad wanted
     assert torch.equal(plain, before)
 
 
@@ -544,14 +545,14 @@ def test_inplace_backward_is_ignored_under_compile():
     logits, target = make_case(4, 3, 10, seed=5)
     x = logits.clone().requires_grad_(True)
     fn = torch.compile(
-        lambda z, y: fm.worst_of_k_cross_entropy(z, y, inplace_backward=True),
+        lambda z, y: fm.worst_of_k_cross_entropy(z, y, dim=1, inplace_backward=True),
         fullgraph=True,
         backend="aot_eager",
     )
     fn(x, target).backward()
     assert torch.equal(x.detach(), logits)
     ref_x = logits.clone().requires_grad_(True)
-    fm.worst_of_k_cross_entropy(ref_x, target).backward()
+    fm.worst_of_k_cross_entropy(ref_x, target, dim=1).backward()
     torch.testing.assert_close(x.grad, ref_x.grad)
 
 
