@@ -169,7 +169,8 @@ def _check_ignore_index_for_probabilities(ignore_index: int) -> None:
 def _no_classes(x: torch.Tensor, target: torch.Tensor, ignore_index: int) -> LossAndIndex:
     """C = 0, as F.cross_entropy: a sample's loss is 0 (a probability target, or an ignored
     class index) or NaN (a class index, necessarily out of range: IndexError while validation
-    is on); 'mean' is NaN for probability targets (PyTorch divides by numel / C). Built from the inputs so that autograd still reaches them (empty gradients)."""
+    is on); 'mean' is NaN for probability targets (PyTorch divides by numel / C). Built from
+    the inputs so that autograd still reaches them (empty gradients)."""
     B = x.shape[0]
     per_sample = x.sum(dim=(1, 2)).to(tc.stats_dtype(x))
     if target.is_floating_point():
