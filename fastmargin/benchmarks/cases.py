@@ -118,7 +118,9 @@ def worst_of_k_case(rows: int, classes: int, k: int, dtype: torch.dtype) -> Case
     def setup(device: str) -> Dict[str, Provider]:
         x, y = _random_logits(device, (k, B, classes), dtype, classes, B)
         providers = _providers(_wocce_fm, _wocce_ref, (x, y), backward=True)
-        scratch = x.detach().clone().requires_grad_(True)  # overwritten by its gradient
+        # Overwritten by its gradient. Not a leaf (the option refuses leaves, which would be
+        # parameters): the output of an op whose backward does not need it, as model logits.
+        scratch = x.detach().clone().requires_grad_(True) * 1.0
         providers["fastmargin inplace"] = _forward_backward(_wocce_inplace, (scratch, y))
         liger = _liger_cross_entropy()
         if k == 1 and liger is not None and device == "cuda":
@@ -161,6 +163,38 @@ def soft_target_case(rows: int, classes: int, k: int, dtype: torch.dtype) -> Cas
         dtype=dtype,
         bytes_moved=(2 * rows + B) * classes * s,
         byte_model="read logits + targets once, write the gradient once (3-pass model at k=1)",
+        setup=setup,
+    )
+
+
+def _spatial_fm(x, y):
+    return fm.worst_of_k_cross_entropy(x, y)
+
+
+def _spatial_ref(x, y):
+    return ref.worst_of_k_cross_entropy(x, y)  # without dim: F.cross_entropy itself
+
+
+def spatial_case(batch: int, classes: int, side: int, dtype: torch.dtype) -> Case:
+    """Segmentation-shaped cross-entropy without a copy dim: (N, C, H, W) logits and
+    (N, H, W) class indices, forward + backward. The fused kernels read class-contiguous rows,
+    so the call makes one transposing copy of the logits (and autograd one of the gradient):
+    this case shows what that costs against F.cross_entropy."""
+
+    def setup(device: str) -> Dict[str, Provider]:
+        gen = torch.Generator(device=device).manual_seed(0)
+        shape = (batch, classes, side, side)
+        x = torch.randn(*shape, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+        y = torch.randint(0, classes, (batch, side, side), device=device, generator=gen)
+        return _providers(_spatial_fm, _spatial_ref, (x, y), backward=True)
+
+    return Case(
+        op="worst_of_k_ce_spatial",
+        shape=f"{batch}x{classes}x{side}x{side}",
+        dtype=dtype,
+        bytes_moved=2 * batch * classes * side * side * _element_size(dtype),
+        byte_model="read logits once + write their gradient once (2 passes; the transposing "
+        "copies of the logits and of the gradient are not in the floor)",
         setup=setup,
     )
 
@@ -268,6 +302,7 @@ CPU_SHAPES = [(4096, 10), (2048, 1000), (256, 32000)]
 OPS = (
     "worst_of_k_ce",
     "worst_of_k_ce_soft",
+    "worst_of_k_ce_spatial",
     "multiclass_margin",
     "weight_robust_ce",
     "weight_noise_ce",
@@ -290,6 +325,8 @@ def default_cases(device: str, *, quick: bool = False) -> List[Case]:
             cases += [row_op_case(op, rows, classes, dtype) for op in _ROW_OPS]
     soft_shape = (32768, 32000) if gpu else (1024, 1000)
     cases.append(soft_target_case(*soft_shape, 4, torch.bfloat16))
+    batch, classes, side = (16, 21, 512) if gpu else (4, 21, 32)
+    cases += [spatial_case(batch, classes, side, dtype) for dtype in dtypes]
     for batch, per_example in [(512, 65536), (512, 4096)] if gpu else [(64, 4096)]:
         for dtype in dtypes:
             cases.append(perturb_case(batch, per_example, dtype))
