@@ -97,8 +97,11 @@ def _rows_like_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> Rows
         # A view for (N, C) and for logits that lie class-last in memory; a copy otherwise.
         x = logits.movedim(1, -1).reshape(math.prod(samples), 1, C)
     expected = tuple(logits.shape) if soft else samples
+    if logits.dim() == 1 and not soft and tuple(target.shape) == (1,):
+        expected = (1,)  # F.cross_entropy takes a (1,) class index for (C,) logits too
     if tuple(target.shape) != expected:
-        if soft and tuple(target.shape) == samples:
+        # Floating "class indices"; for 3-D logits more likely probabilities shared by copies.
+        if soft and tuple(target.shape) == samples and logits.dim() != 3:
             raise TypeError(
                 f"target: expected an integer dtype for class indices of shape {samples}, "
                 f"got {target.dtype} (probability targets have the logits' shape)"
