@@ -133,3 +133,18 @@ def test_compiled_loss_under_autocast_is_float32():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert fn(x, y).dtype == torch.bfloat16  # outside autocast: recompiled, the logits' dtype
+
+
+def test_inplace_backward_under_autocast():
+    x, y = _inputs(torch.bfloat16, N=16, C=21)
+    base = x.detach().clone().requires_grad_(True)
+    ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fm.worst_of_k_cross_entropy(base * 1.0, y, inplace_backward=True)
+        want = fm.worst_of_k_cross_entropy(ref * 1.0, y)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    (0.7 * got).backward()
+    (0.7 * want).backward()
+    assert base.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(base.grad, ref.grad)
