@@ -56,13 +56,13 @@ def worst_of_k_cross_entropy(
     returns the same number (k = 1 copy of every sample), for every reduction,
     ``ignore_index``, ``label_smoothing`` and ``weight``:
 
-    ==========================  =====================================  ====================
-    logits                      target                                 ``'none'`` gives
-    ==========================  =====================================  ====================
-    (C,)                        () class index, or (C,) probabilities  ()
-    (N, C)                      (N,), or (N, C)                        (N,)
-    (N, C, d1, ..., dm)         (N, d1, ..., dm), or the logits' shape (N, d1, ..., dm)
-    ==========================  =====================================  ====================
+    ===================  ======================================  ================
+    logits               target                                  ``'none'`` gives
+    ===================  ======================================  ================
+    (C,)                 () class index, or (C,) probabilities   ()
+    (N, C)               (N,), or (N, C)                         (N,)
+    (N, C, d1, ..., dm)  (N, d1, ..., dm), or the logits' shape  (N, d1, ..., dm)
+    ===================  ======================================  ================
 
     With ``dim`` named the logits are 3-D and hold k copies of each sample along it:
     ``dim=0`` is (k, B, C), the layout of ``torch.cat`` of k augmented batches viewed as
