@@ -263,6 +263,8 @@ def test_remove_restores_the_model_exactly():
     before_state = copy.deepcopy(model.state_dict())
     n_hooks = _hook_count(model)
     amo = fm.AllLayerMargin(model)
+    assert _hook_count(model) == n_hooks  # the default layers are chosen at the first call
+    amo.trace(x)
     assert _hook_count(model) == n_hooks + 2
     torch.testing.assert_close(model(x), before_out)  # hooks are inert outside a call
     amo(x, y)
@@ -274,7 +276,7 @@ def test_remove_restores_the_model_exactly():
     with pytest.raises(RuntimeError, match="removed"):
         amo(x, y)
     amo.close()  # an alias of remove(), idempotent
-    with fm.AllLayerMargin(model) as amo2:
+    with fm.AllLayerMargin(model, ["0", "3"]) as amo2:
         amo2(x, y)
         assert _hook_count(model) == n_hooks + 2
     assert _hook_count(model) == n_hooks
@@ -317,7 +319,9 @@ def test_custom_loss_fn():
 def test_module_selection():
     model = cnn()
     amo = fm.AllLayerMargin(model)
-    assert amo.layer_names == ["0", "3"]  # every Conv/Linear but the final classifier
+    with pytest.raises(RuntimeError, match="call amo.trace"):
+        amo.layer_names
+    assert amo.trace(data("cnn")[0]) == ["0", "3"]  # every Conv/Linear but the last one run
     amo.remove()
     amo = fm.AllLayerMargin(model, ["2", model[8]])
     assert amo.layer_names == ["2", "8"]
@@ -333,8 +337,8 @@ def test_module_selection():
         fm.AllLayerMargin(model, [3])
     with pytest.raises(ValueError, match="modules: no layers were selected"):
         fm.AllLayerMargin(model, lambda n, m: False)
-    with pytest.raises(ValueError, match="modules: the model has no Conv or Linear"):
-        fm.AllLayerMargin(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match="modules: the model's forward runs no Conv or Linear"):
+        fm.AllLayerMargin(nn.Sequential(nn.Linear(3, 2))).trace(torch.randn(2, 3))
     assert _hook_count(model) == 0
 
 
