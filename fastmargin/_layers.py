@@ -107,9 +107,7 @@ def frozen_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             m.track_running_stats = True
 
 
-def execution_order(
-    candidates: List[NamedModule], run: Callable[[], object]
-) -> List[NamedModule]:
+def execution_order(candidates: List[NamedModule], run: Callable[[], object]) -> List[NamedModule]:
     """The candidates that ``run()`` calls, in the order of their first call."""
     order: List[int] = []
 
@@ -168,7 +166,9 @@ def official_layers(model: nn.Module, *, arg: str) -> List[NamedModule]:
     return chosen
 
 
-def select_layers(model: nn.Module, layers: LayerSpec, *, arg: str = "modules") -> List[NamedModule]:
+def select_layers(
+    model: nn.Module, layers: LayerSpec, *, arg: str = "modules"
+) -> List[NamedModule]:
     """The (name, module) pairs chosen by an explicit ``layers`` spec (not ``None``).
 
     * ``"official"``: :func:`official_layers`;

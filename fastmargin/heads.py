@@ -57,7 +57,7 @@ class HeadLoss:
                     "its name, e.g. 'fc')"
                 )
             head = wrapped
-        (self.head_name, self.head), = select_layers(model, [head], arg="head")
+        ((self.head_name, self.head),) = select_layers(model, [head], arg="head")
         if wrapped is not None and unwrap(wrapped) is not self.head:
             raise ValueError(
                 f"head: {self.head_name!r} is not the nn.Linear that loss_fn wraps; leave head "

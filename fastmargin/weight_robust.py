@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from . import _validation as v
-from ._ops import ops, stats_dtype
 from ._heads_check import check_head_features, warn_outside_ddp_forward
+from ._ops import ops, stats_dtype
 from .modules import LossModule
 from .reference import reduce_loss
 

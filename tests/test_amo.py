@@ -320,7 +320,7 @@ def test_module_selection():
     model = cnn()
     amo = fm.AllLayerMargin(model)
     with pytest.raises(RuntimeError, match="call amo.trace"):
-        amo.layer_names
+        _ = amo.layer_names
     assert amo.trace(data("cnn")[0]) == ["0", "3"]  # every Conv/Linear but the last one run
     amo.remove()
     amo = fm.AllLayerMargin(model, ["2", model[8]])

@@ -171,7 +171,9 @@ def _amo_with_weight_decay(model, layers, x, y, lr, wd, steps):
 
 def test_inner_wd_matches_sgd_weight_decay_on_the_deltas():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
+    )
     x, y = torch.randn(6, 10), torch.randint(0, 5, (6,))
     twin = copy.deepcopy(model)
     loss = fm.AllLayerMargin(model, inner_lr=0.5, inner_steps=3, inner_wd=0.7)(x, y)

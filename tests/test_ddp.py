@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _resnets import ResNet
 
 import fastmargin as fm
@@ -152,7 +151,9 @@ def _head_losses(rank: int) -> None:
     x, y = _batch(rank)
     fm.HeadLoss(ddp, fm.WeightRobustCrossEntropy(net.fc, eps=0.2))(x, y).backward()
     crit = fm.WeightRobustCrossEntropy(local.fc, eps=0.2)
-    h = torch.flatten(local.avgpool(local.layer2(local.layer1(local.relu(local.bn1(local.conv1(x)))))), 1)
+    h = torch.flatten(
+        local.avgpool(local.layer2(local.layer1(local.relu(local.bn1(local.conv1(x)))))), 1
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         crit(h, y).backward()  # the head outside a DDP forward (here: a local replica)

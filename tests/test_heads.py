@@ -33,9 +33,7 @@ def test_head_loss_equals_the_loss_on_the_model_features(compiled):
     step = fm.HeadLoss(model, fm.WeightRobustCrossEntropy(net.fc, eps=0.3, p=2.0))
     loss, logits = step(x, y, return_logits=True)
     h = _features(twin, x)
-    ref = fm.weight_robust_cross_entropy(
-        twin.fc(h), y, fm.weight_perturbation_radius(h, 0.3, 2.0)
-    )
+    ref = fm.weight_robust_cross_entropy(twin.fc(h), y, fm.weight_perturbation_radius(h, 0.3, 2.0))
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(logits, twin.fc(h))
     loss.backward()

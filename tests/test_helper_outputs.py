@@ -42,8 +42,13 @@ def test_maxup_reads_logits_from_structured_outputs(kind, mode):
     twin = copy.deepcopy(net)
     x, y = torch.randn(8, 10), torch.randint(0, 5, (8,))
     if kind == "callable":
-        step = fm.MaxUp(Wrapped(net, "other"), fm.augment.gaussian(0.3), k=3, mode=mode,
-                        output=lambda out: out["scores"])
+        step = fm.MaxUp(
+            Wrapped(net, "other"),
+            fm.augment.gaussian(0.3),
+            k=3,
+            mode=mode,
+            output=lambda out: out["scores"],
+        )
     else:
         step = fm.MaxUp(Wrapped(net, kind), fm.augment.gaussian(0.3), k=3, mode=mode)
     ref_step = fm.MaxUp(twin, fm.augment.gaussian(0.3), k=3, mode=mode)
@@ -69,8 +74,9 @@ def test_maxup_on_a_compiled_model_matches_eager():
     x, y = torch.randn(8, 10), torch.randint(0, 5, (8,))
     for mode in ("joint", "select"):
         torch.manual_seed(2)
-        loss = fm.MaxUp(torch.compile(net, backend="aot_eager"), fm.augment.gaussian(0.3),
-                        k=3, mode=mode)(x, y)
+        loss = fm.MaxUp(
+            torch.compile(net, backend="aot_eager"), fm.augment.gaussian(0.3), k=3, mode=mode
+        )(x, y)
         torch.manual_seed(2)
         ref = fm.MaxUp(twin, fm.augment.gaussian(0.3), k=3, mode=mode)(x, y)
         torch.testing.assert_close(loss, ref)
