@@ -89,15 +89,40 @@ class AllLayerMargin:
     call they do nothing, so the model can be evaluated normally meanwhile. After
     :meth:`remove` the model is exactly as before (no hooks, no state).
 
+    Compiled models: ``torch.compile(model)`` and models with compiled submodules are
+    accepted; the hooks run inside the compiled graphs. The first step's shortcut (gradients
+    with respect to the layer outputs) cannot see through a compiled graph, so for layers that
+    run in one the first step goes through the op with zero deltas made before the forward, as
+    later steps do: the loss and deltas equal eager AMO. The deltas' shapes come from one
+    probing forward per input shape (remembered), and a compiled model is compiled once per
+    phase (probe, ascent, final forward).
+
+    Layers: ``modules=None`` chooses every Conv and Linear layer the forward runs, in
+    execution order, except the last one run (the classifier, wherever it is registered);
+    the order is taken from one no-grad forward of the unwrapped model at the first call (or
+    :meth:`trace`). ``"official"`` reproduces the official AMO code's choice on ResNets and
+    WideResNets: the convolutions inside each residual block (not the stem, the shortcut
+    convolutions or the classifier). ``repr(amo)`` and :attr:`layer_names` list the layers;
+    names are those of the unwrapped model (no ``module.`` or ``_orig_mod.`` prefix).
+
     Args:
-        model: any module returning logits (possibly wrapped in DDP).
-        modules: the layers to perturb after: ``None`` for every Conv and Linear layer except
-            the last one registered (the final classifier), a list of submodules or names, or
-            a predicate ``(name, module) -> bool``.
+        model: any module returning logits (possibly wrapped in DDP or compiled).
+        modules: the layers to perturb after: ``None`` (see above), ``"official"``, a list of
+            submodules or names, or a predicate ``(name, module) -> bool``.
         inner_lr: ascent step size (>= 0).
         inner_steps: ascent steps (>= 0; 0 gives the clean loss).
+        inner_wd: weight decay on the deltas (>= 0), as ``torch.optim.SGD(weight_decay=...)``
+            in the official code: each step is
+            :math:`\delta \leftarrow (1 - \text{lr}\cdot\text{wd})\,\delta + \text{lr}\,
+            \partial L/\partial\delta` (no effect on the first step, from zero).
         loss_fn: ``loss_fn(logits, y) -> scalar``; default ``F.cross_entropy``.
         freeze_bn_stats: keep BatchNorm running statistics unchanged during the ascent.
+        output: ``f(model_output) -> logits``; default: the output itself, its first element
+            (tuple / list), its ``"logits"`` entry (dict) or its ``.logits`` attribute.
+
+    Raises:
+        RuntimeError when called with gradients disabled (``torch.no_grad()``,
+        ``torch.inference_mode()``) and ``inner_steps > 0``.
     """
 
     def __init__(
