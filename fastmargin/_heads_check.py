@@ -41,8 +41,8 @@ def warn_outside_ddp_forward(loss_module: nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         loss_module._warned_ddp = True
         warnings.warn(
-            f"{type(loss_module).__name__}: the wrapped nn.Linear is called outside the "
-            "model's forward in a multi-process job; under DistributedDataParallel its "
+            f"{type(loss_module).__name__}: the wrapped nn.Linear is called directly in a "
+            "multi-process job; if this runs outside DistributedDataParallel's forward, the "
             "gradients are not synchronised the usual way and the replicas drift apart. Use "
             "fm.HeadLoss(ddp_model, loss_fn), which runs the head inside the model's forward",
             RuntimeWarning,

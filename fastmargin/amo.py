@@ -158,7 +158,7 @@ class AllLayerMargin:
         self._no_capture: set = set()  # layers whose output is modified in place downstream
         # Under torch.compile the first step runs through the op with zero deltas made in
         # advance; their shapes per input signature, learned from one probing forward.
-        self._templates: Dict[tuple, Dict[Tuple[int, int], torch.Tensor]] = {}
+        self._templates: Dict[tuple, Dict[Tuple[int, int], tuple]] = {}
         self._handles: list | None = []
         self.layers: List[Tuple[str, nn.Module]] | None = None
         self._calls: List[int] = []
@@ -351,18 +351,24 @@ class AllLayerMargin:
                     self._step_from_captured(loss)
                     return
                 self._no_capture |= changed  # remembered: later calls use the op at once
-        self._deltas = {key: torch.zeros_like(t).requires_grad_() for key, t in templates.items()}
+        self._deltas = {
+            key: torch.zeros_like(meta, device=device).requires_grad_()
+            for key, (meta, device) in templates.items()
+        }
         self._captured = {}
         self._mode = "ascent"
         self._ascent_update(self._forward(x, y))
 
-    def _remember_shapes(self, signature: tuple) -> Dict[Tuple[int, int], torch.Tensor]:
+    def _remember_shapes(self, signature: tuple) -> Dict[Tuple[int, int], tuple]:
+        """(meta tensor with the delta's shape, dtype and layout, device) per delta: no memory
+        is held between calls."""
         templates = {}
         for key, (u, _v) in self._captured.items():
             dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-            templates[key] = torch.zeros_like(u, dtype=dtype)  # u's layout, like the op's delta
+            # u's layout (e.g. channels_last), like the op's delta
+            templates[key] = (torch.zeros_like(u, dtype=dtype, device="meta"), u.device)
         for key, d in self._deltas.items():
-            templates[key] = torch.zeros_like(d.detach())
+            templates[key] = (torch.zeros_like(d, device="meta"), d.device)
         self._templates[signature] = templates
         return templates
 

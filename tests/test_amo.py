@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -403,59 +401,7 @@ def test_cuda_matches_plain_hook_implementation(kind, autocast):
         torch.testing.assert_close(a, b, **gtol)
 
 
-# --- DistributedDataParallel (2 processes, gloo) -----------------------------------------
-
-
-def _ddp_worker(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = mlp(seed=0)
-        local = copy.deepcopy(model)
-        ddp = DDP(model)
-        reduced = []
-
-        def count_allreduce(state, bucket):
-            reduced.append(bucket.index())
-            fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0] / world)
-
-        ddp.register_comm_hook(None, count_allreduce)
-        x, y = data("mlp", seed=100 + rank, B=8)
-        loss = fm.AllLayerMargin(ddp, inner_lr=0.3, inner_steps=2)(x, y)
-        assert reduced == [], "the ascent triggered a gradient all-reduce"
-        assert all(p.grad is None for p in ddp.parameters())
-        loss.backward()
-        assert reduced, "backward of the AMO loss did not sync gradients"
-        # Reference: AMO on this process's examples alone, gradients averaged by hand.
-        ref = fm.AllLayerMargin(local, inner_lr=0.3, inner_steps=2)(x, y)
-        ref.backward()
-        torch.testing.assert_close(loss, ref)
-        for p, q in zip(model.parameters(), local.parameters()):
-            dist.all_reduce(q.grad)
-            torch.testing.assert_close(p.grad, q.grad / world)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_processes_gloo():
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+# (DistributedDataParallel: tests/test_ddp.py runs AMO in 2 gloo processes.)
 
 
 # --- training check ------------------------------------------------------------------------

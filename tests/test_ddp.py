@@ -128,11 +128,25 @@ def _maxup_and_amo(rank: int) -> None:
         step = fm.MaxUp(ddp, augment, k=3, mode=mode)
         _train(ddp, step, rank, f"MaxUp {mode}")
 
+    import torch.distributed as dist
+
     net = _net()
     local = copy.deepcopy(net)
     ddp = DDP(net)
+    reduced = []
+
+    def count_allreduce(state, bucket):
+        reduced.append(bucket.index())
+        fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0] / WORLD)
+
+    ddp.register_comm_hook(None, count_allreduce)
     x, y = _batch(rank)
-    fm.AllLayerMargin(ddp, "official", inner_lr=0.3, inner_steps=2)(x, y).backward()
+    loss = fm.AllLayerMargin(ddp, "official", inner_lr=0.3, inner_steps=2)(x, y)
+    assert reduced == [], "the AMO ascent triggered a gradient all-reduce"
+    assert all(p.grad is None for p in ddp.parameters())
+    loss.backward()
+    assert reduced, "the backward of the AMO loss did not sync gradients"
     fm.AllLayerMargin(local, "official", inner_lr=0.3, inner_steps=2)(x, y).backward()
     _assert_grads_are_the_average(ddp, local, "AMO")
     ddp = DDP(_net())
