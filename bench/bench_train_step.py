@@ -35,7 +35,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastmargin as fm  # noqa: E402
-from fastmargin._layers import select_layers  # noqa: E402
 from fastmargin.benchmarks import runner  # noqa: E402
 from fastmargin.models import WideResNet  # noqa: E402
 
@@ -61,10 +60,11 @@ def maxup_providers(model, augment, k):
 
 
 def amo_providers(model):
-    layers = [m for _, m in select_layers(model, None)]
     fused = fm.AllLayerMargin(model)
 
     def hooks(x, y):
+        fused.trace(x)  # the same layers as the fused step (execution order)
+        layers = [m for _, m in fused.layers]
         return fm.reference.all_layer_margin_loss(model, layers, x, y, lr=0.01, steps=1)
 
     def plain(x, y):

@@ -11,6 +11,7 @@ from . import augment, reference
 from ._validation import set_validation, validation_enabled
 from .amo import AllLayerMargin
 from .functional import worst_of_k_cross_entropy
+from .heads import HeadLoss
 from .margin_op import multiclass_margin
 from .margins import margin_auc, margin_distribution, plot_margin_cdf, weight_norm_product
 from .maxup import MaxUp
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllLayerMargin",
+    "HeadLoss",
     "MarginPruner",
     "MaxUp",
     "NoiseStability",

@@ -30,6 +30,12 @@ def validation_enabled() -> bool:
     return _VALIDATE and not torch.compiler.is_compiling()
 
 
+def has_values(x: torch.Tensor) -> bool:
+    """False for meta tensors (shape propagation only): their values cannot be checked, and
+    reading one (``.item()``) would raise a message that names no argument."""
+    return x.device.type != "meta"
+
+
 def check_tensor(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -94,7 +100,7 @@ def check_class_target(
     ):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     target = target.long()
-    if validation_enabled() and target.numel() > 0:
+    if validation_enabled() and target.numel() > 0 and has_values(target):
         bad = (target < 0) | (target >= num_classes)
         if ignore_index is not None:
             bad &= target != ignore_index

@@ -223,6 +223,15 @@ class _Mixing:
                 f"y: expected ({x.shape[0]},) integer class indices, got {y.dtype} of shape "
                 f"{tuple(y.shape)}"
             )
+        if y.numel() and not torch.compiler.is_compiling():
+            # F.one_hot would fail later with a message that names neither argument.
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"num_classes: {self.num_classes} classes, but the labels y hold "
+                    f"{high if high >= self.num_classes else low}; expected labels in "
+                    f"[0, {self.num_classes}) (is num_classes smaller than the data set's?)"
+                )
         perm = torch.randperm(x.shape[0], device=x.device)
         lam = float(self._beta.sample())  # a CPU draw: no device synchronisation
         return perm, lam

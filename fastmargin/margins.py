@@ -15,6 +15,8 @@ from typing import Callable, Dict, Iterable, Sequence, Union
 import torch
 from torch import nn
 
+from ._layers import unwrap_parallel
+from ._outputs import OutputAdapter, check_output_adapter
 from .margin_op import multiclass_margin
 
 Normalizer = Union[None, str, Callable[[nn.Module], Union[float, torch.Tensor]]]
@@ -71,14 +73,18 @@ def margin_distribution(
     normalize: Normalizer = None,
     device: Union[str, torch.device] | None = None,
     eval_mode: bool = True,
+    output: OutputAdapter = None,
 ) -> torch.Tensor:
     r"""Per-sample margins :math:`m_n = z_{n,y_n} - \max_{c\ne y_n} z_{n,c}` over a data set.
 
     Streams ``loader`` through ``model`` under ``torch.no_grad()`` (no logits are kept: each
-    batch is reduced to its margins by the fused :func:`multiclass_margin`).
+    batch is reduced to its margins by the fused :func:`multiclass_margin`). A DDP or
+    DataParallel model runs as the module it wraps (a compiled model stays compiled), so no
+    collective is touched and one rank may call this alone.
 
     Args:
-        model: maps a batch of inputs to (B, C) logits.
+        model: maps a batch of inputs to (B, C) logits (or a tuple, dict or object holding
+            them, see ``output``).
         loader: iterable of ``(inputs, target)`` batches (extra items are ignored), e.g. a
             ``DataLoader``; use ``shuffle=False`` to get margins in data-set order.
         normalize: ``None``; ``"weights"`` to divide by the product of the Frobenius norms of the
@@ -87,17 +93,21 @@ def margin_distribution(
         device: where to run the model; default: the device of its parameters.
         eval_mode: run in ``model.eval()`` (dropout off, batch-norm running stats), restoring
             every module's training flag afterwards.
+        output: ``f(model_output) -> logits``; default: the output itself, its first element
+            (tuple / list), its ``"logits"`` entry (dict) or its ``.logits`` attribute.
 
     Returns:
         (N,) float32 margins on the CPU, in loader order.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    to_logits = check_output_adapter(output)
     dev = torch.device(device) if device is not None else _model_device(model)
     divisor = _normalizer_value(model, normalize)
-    flags = {m: m.training for m in model.modules()}
+    runner = unwrap_parallel(model)
+    flags = {m: m.training for m in runner.modules()}
     if eval_mode:
-        model.eval()
+        runner.eval()
     chunks = []
     try:
         with torch.no_grad():
@@ -108,7 +118,7 @@ def margin_distribution(
                         f"at batch {i}"
                     )
                 x, y = batch[0].to(dev), batch[1].to(dev)
-                logits = model(x)
+                logits = to_logits(runner(x))
                 if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
                     raise ValueError(
                         f"model: expected (B, C) logits, got "

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as v
+from ._layers import unwrap_parallel
+from ._outputs import OutputAdapter, check_output_adapter
 from .augment import takes_target
 from .functional import worst_of_k_cross_entropy
 
@@ -28,7 +30,7 @@ def _selection_norm_mode(model: nn.Module, eval_running_stats: bool) -> Iterator
     """
     changed: List[Tuple[nn.Module, str, bool]] = []
     try:
-        for m in model.modules():
+        for m in model.modules() if isinstance(model, nn.Module) else ():
             if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.training:
                 continue
             if not m.track_running_stats or m.running_mean is None:
@@ -93,6 +95,14 @@ class MaxUp(nn.Module):
             copies are then 1..k).
         eval_bn_for_selection: select mode only; use running statistics in the selection pass.
         ignore_index: a target value whose sample is skipped, as in ``F.cross_entropy``.
+        output: ``f(model_output) -> logits``; default: the output itself, its first element
+            (a ``(logits, aux)`` tuple or list), its ``"logits"`` entry (dict) or its
+            ``.logits`` attribute.
+
+    Distributed and compiled models: a ``DistributedDataParallel`` model (or a
+    ``torch.compile``'d one) is passed as is. The training forward goes through it, so the
+    backward syncs gradients as in plain DDP training; the no-grad selection pass of
+    ``"select"`` runs the module DDP wraps, so it starts no collective.
     """
 
     def __init__(
@@ -107,6 +117,7 @@ class MaxUp(nn.Module):
         include_clean: bool = False,
         eval_bn_for_selection: bool = False,
         ignore_index: int = -100,
+        output: OutputAdapter = None,
     ) -> None:
         super().__init__()
         if not callable(model):
@@ -133,6 +144,7 @@ class MaxUp(nn.Module):
         self.include_clean = bool(include_clean)
         self.eval_bn_for_selection = bool(eval_bn_for_selection)
         self.ignore_index = ignore_index
+        self._output = check_output_adapter(output)
         self._checked_randomness = False
 
     @property
@@ -253,8 +265,8 @@ class MaxUp(nn.Module):
 
     # -- the step -----------------------------------------------------------------------------
 
-    def _logits(self, xs: torch.Tensor, K: int, B: int) -> torch.Tensor:
-        logits = self.model(xs)
+    def _logits(self, xs: torch.Tensor, K: int, B: int, model=None) -> torch.Tensor:
+        logits = self._output((self.model if model is None else model)(xs))
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != K * B:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
             raise RuntimeError(
@@ -305,8 +317,10 @@ class MaxUp(nn.Module):
         return self._worst_of_k(logits, target, temperature=self.temperature, return_index=True)
 
     def _select(self, xs, y, targets, K, B):
-        with torch.no_grad(), _selection_norm_mode(self.model, self.eval_bn_for_selection):
-            logits = self._logits(xs, K, B)
+        # The module DDP wraps: a no-grad pass needs no buffer broadcast or reducer state.
+        local = unwrap_parallel(self.model) if isinstance(self.model, nn.Module) else self.model
+        with torch.no_grad(), _selection_norm_mode(local, self.eval_bn_for_selection):
+            logits = self._logits(xs, K, B, local)
             soft = self._soft_targets(targets, y, logits.shape[2], logits)
             _, index = self._worst_of_k(
                 logits, y if soft is None else soft, reduction="none", return_index=True
@@ -314,6 +328,6 @@ class MaxUp(nn.Module):
             del logits
         rows = torch.arange(B, device=index.device)
         x_sel = xs.view(K, B, *xs.shape[1:])[index, rows]
-        logits = self.model(x_sel).unsqueeze(0)  # (1, B, C): k = 1 is F.cross_entropy
+        logits = self._logits(x_sel, 1, B)  # (1, B, C): k = 1 is F.cross_entropy
         target = y if soft is None else soft[index, rows].unsqueeze(0)
         return self._worst_of_k(logits, target), index

@@ -8,11 +8,14 @@ on a small low-margin fraction of the data set at a fraction of the cost. ``Marg
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, Iterator, Sequence, Sized, Union
 
 import torch
 from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 def _fraction(value: float, name: str, *, allow_zero: bool) -> float:
@@ -29,10 +32,14 @@ def _fraction(value: float, name: str, *, allow_zero: bool) -> float:
 class MarginPruner(Sampler[int]):
     """Sampler over the lowest-margin ``keep_fraction`` of a data set (plus optional exploration).
 
-    Until margins are known for every sample (and, with ``require_separation``, until they are
-    all > 0, i.e. the model separates the training data), it yields the whole data set. From
-    then on (the switch is latched: later updates change which samples are kept, not whether
-    pruning is on) each epoch yields
+    Until margins are known for every sample (and, with ``require_separation``, until at least
+    ``min_separated`` of them are > 0, i.e. the model separates that fraction of the training
+    data; 1.0 asks for all, which label noise or strong augmentation may never allow), it
+    yields the whole data set. The switch is latched (later updates change which samples are
+    kept, not whether pruning is on) and visible: :attr:`active` turns True,
+    :attr:`activated_epoch` records the epoch (as last given to ``set_epoch``), and an INFO
+    line is logged on the ``fastmargin.pruning`` logger; :attr:`separated_fraction` holds the
+    fraction of margins > 0 after every update. From then on each epoch yields
 
     * the ``ceil(keep_fraction * N)`` samples with the smallest margins (ties to the lowest
       index; a NaN margin counts as -inf, so broken samples are kept, not hidden), and
@@ -66,6 +73,7 @@ class MarginPruner(Sampler[int]):
         *,
         explore_fraction: float = 0.0,
         require_separation: bool = True,
+        min_separated: float = 1.0,
         shuffle: bool = True,
         seed: int = 0,
         num_replicas: int | None = None,
@@ -87,6 +95,7 @@ class MarginPruner(Sampler[int]):
         self.keep_fraction = _fraction(keep_fraction, "keep_fraction", allow_zero=False)
         self.explore_fraction = _fraction(explore_fraction, "explore_fraction", allow_zero=True)
         self.require_separation = bool(require_separation)
+        self.min_separated = _fraction(min_separated, "min_separated", allow_zero=True)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
@@ -95,6 +104,8 @@ class MarginPruner(Sampler[int]):
         self.margins = torch.full((n,), -math.inf, dtype=torch.float64)
         self.known = torch.zeros(n, dtype=torch.bool)
         self.active = False
+        self.activated_epoch: int | None = None
+        self.separated_fraction = 0.0
 
     @staticmethod
     def _replicas(num_replicas: int | None, rank: int | None) -> tuple:
@@ -131,8 +142,20 @@ class MarginPruner(Sampler[int]):
             )
         self.margins[idx] = torch.nan_to_num(m, nan=-math.inf)
         self.known[idx] = True
-        if not self.active and bool(self.known.all()):
-            self.active = not self.require_separation or bool((self.margins > 0).all())
+        self.separated_fraction = float((self.margins > 0).double().mean())
+        if self.active or not bool(self.known.all()):
+            return
+        if not self.require_separation or self.separated_fraction >= self.min_separated:
+            self.active = True
+            self.activated_epoch = self.epoch
+            logger.info(
+                "MarginPruner: pruning is on from epoch %d: %.1f%% of %d margins are > 0; "
+                "keeping the lowest-margin %d samples per epoch (+ %d explored)",
+                self.epoch,
+                100.0 * self.separated_fraction,
+                self.num_total,
+                *self._counts(),
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Seeds this epoch's exploration draw and shuffle (same on every rank)."""
@@ -144,6 +167,7 @@ class MarginPruner(Sampler[int]):
             "known": self.known.clone(),
             "active": self.active,
             "epoch": self.epoch,
+            "activated_epoch": self.activated_epoch,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -156,6 +180,8 @@ class MarginPruner(Sampler[int]):
         self.known = state["known"].clone().to(torch.bool)
         self.active = bool(state["active"])
         self.epoch = int(state["epoch"])
+        self.activated_epoch = state.get("activated_epoch")
+        self.separated_fraction = float((self.margins > 0).double().mean())
 
     # --- sampling --------------------------------------------------------------------------
 

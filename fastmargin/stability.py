@@ -9,7 +9,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ._layers import LayerSpec, check_tensor_output, select_layers, unwrap
+from ._layers import LayerSpec, check_tensor_output, default_layers, select_layers, unwrap
 from .perturb import all_layer_perturb
 
 
@@ -77,6 +77,17 @@ def _relative_change(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den, torch.full_like(den, math.nan))
 
 
+def _eval_forward(model: nn.Module, x: torch.Tensor) -> None:
+    """One forward in eval mode (training flags restored), to find the layers' order."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 @torch.no_grad()
 def noise_stability(
     model: nn.Module,
@@ -107,13 +118,16 @@ def noise_stability(
     injected noise is attenuated).
 
     The model runs in eval mode (BatchNorm uses running statistics, dropout is off) under
-    ``torch.no_grad()``; the training flags are restored afterwards and no hook is left.
+    ``torch.no_grad()``; the training flags are restored afterwards and no hook is left. A
+    wrapped model (DDP, DataParallel, FSDP, ``torch.compile``) is measured through the module
+    it wraps, run eagerly: no collective is touched, so one rank may call this alone.
 
     Args:
-        model: a module (possibly DDP-wrapped) whose output is a tensor (B, ...).
+        model: a module (possibly wrapped) whose output is a tensor (B, ...).
         x: one input batch.
-        layers: ``None`` (every Conv and Linear except the last one registered), a list of
-            submodules or names, or a predicate ``(name, module) -> bool``.
+        layers: ``None`` (every Conv and Linear layer the forward runs, in execution order,
+            except the last one run), ``"official"`` (the convolutions inside each residual
+            block), a list of submodules or names, or a predicate ``(name, module) -> bool``.
         sigma: relative noise size (> 0).
         trials: noise draws per layer (>= 1).
         generator: optional ``torch.Generator`` (on x's device) for the noise.
@@ -126,7 +140,11 @@ def noise_stability(
         raise TypeError(f"trials: expected an int, got {type(trials).__name__}")
     if trials < 1:
         raise ValueError(f"trials: expected a value >= 1, got {trials}")
-    chosen = select_layers(unwrap(model), layers, arg="layers")
+    base = unwrap(model)
+    if layers is None:
+        chosen = default_layers(base, lambda: _eval_forward(base, x), arg="layers")
+    else:
+        chosen = select_layers(base, layers, arg="layers")
     state: Dict[str, object] = {"seen": set(), "acts": {}, "inject": None, "delta": None}
 
     def hook(index: int, module: nn.Module, inputs, output):
@@ -141,7 +159,7 @@ def noise_stability(
 
     def run(inject: int | None, make_delta=None):
         state.update(seen=set(), acts={}, inject=inject, delta=make_delta)
-        out = model(x)
+        out = base(x)
         return dict(state["acts"]), check_tensor_output(out, "output")
 
     def unit_noise(u: torch.Tensor) -> torch.Tensor:
@@ -152,11 +170,11 @@ def noise_stability(
         return xi * scale.reshape((-1,) + (1,) * (u.dim() - 1))
 
     handles = []
-    modes = {m: m.training for m in model.modules()}
+    modes = {m: m.training for m in base.modules()}
     try:
         for index, (_name, module) in enumerate(chosen):
             handles.append(module.register_forward_hook(lambda m, i, o, k=index: hook(k, m, i, o)))
-        model.eval()
+        base.eval()
         clean, clean_out = run(None)
         missing = [chosen[k][0] for k in range(len(chosen)) if k not in clean]
         if missing:

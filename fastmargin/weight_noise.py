@@ -21,9 +21,11 @@ from __future__ import annotations
 from typing import Tuple, Union
 
 import torch
+from torch import nn
 
 from . import _validation as v
 from ._autocast import loss_dtype
+from ._heads_check import check_head_features, warn_outside_ddp_forward
 from ._ops import ops, stats_dtype
 from .modules import LossModule
 from .reference import reduce_loss
@@ -212,17 +214,26 @@ def weight_noise_worst_of_k_cross_entropy(
 
 
 class WeightNoiseWorstOfKCrossEntropy(LossModule):
-    """Module form of :func:`weight_noise_worst_of_k_cross_entropy` (same arguments).
+    """Module form of :func:`weight_noise_worst_of_k_cross_entropy` (same keyword arguments).
 
-    MaxUp over last-layer weight noise::
+    Two ways to use it, as :class:`fastmargin.WeightRobustCrossEntropy`:
 
-        loss_fn = fm.WeightNoiseWorstOfKCrossEntropy(k=4)
-        h = backbone(x)
-        loss = loss_fn(head(h), y, sigma * h.norm(dim=1))
+    * wrapping the model's last ``nn.Linear`` (``linear=model.fc, eps=σ``), ``eps`` the
+      standard deviation of each weight's noise: ``loss = loss_fn(features, target)`` computes
+      the logits ``linear(features)`` and the scale ``s = eps * ||features||_2`` itself;
+    * without a layer: ``loss = loss_fn(logits, target, scale)``.
+
+    Under DistributedDataParallel or ``torch.compile``, wrap the whole model with
+    :class:`fastmargin.HeadLoss` (the head then runs inside the model's own forward)::
+
+        loss_fn = fm.HeadLoss(ddp_model, fm.WeightNoiseWorstOfKCrossEntropy(model.fc, eps=0.1))
+        loss = loss_fn(x, y)
     """
 
     def __init__(
         self,
+        linear: nn.Linear | None = None,
+        eps: float = 0.0,
         *,
         k: int = 4,
         temperature: float = 0.0,
@@ -230,6 +241,8 @@ class WeightNoiseWorstOfKCrossEntropy(LossModule):
         ignore_index: int = -100,
         reduction: str = "mean",
     ) -> None:
+        if linear is not None and not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear or None, got {type(linear).__name__}")
         super().__init__(
             k=_check_k(k),
             temperature=temperature,
@@ -237,17 +250,58 @@ class WeightNoiseWorstOfKCrossEntropy(LossModule):
             ignore_index=ignore_index,
             reduction=reduction,
         )
+        self.eps = v.check_nonnegative(eps, "eps")
+        self.linear = linear
 
-    def forward(
+    def extra_repr(self) -> str:
+        return f"eps={self.eps!r}, " + super().extra_repr()
+
+    def head_loss(
         self,
+        features: torch.Tensor,
         logits: torch.Tensor,
         target: torch.Tensor,
-        scale: Union[float, torch.Tensor],
+        *,
         return_index: bool = False,
         generator: torch.Generator | None = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """The loss of ``logits`` = head(``features``) with scale ``eps * ||features||_2``."""
         return weight_noise_worst_of_k_cross_entropy(
             logits,
+            target,
+            self.eps * torch.linalg.vector_norm(features.flatten(1), dim=1),
+            return_index=return_index,
+            generator=generator,
+            **self.options(),
+        )
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        scale: Union[float, torch.Tensor, None] = None,
+        return_index: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        if self.linear is not None:
+            if scale is not None:
+                raise ValueError(
+                    "scale: not accepted when the module wraps an nn.Linear (the scale is "
+                    "eps * ||features||_2); pass features and target only"
+                )
+            check_head_features(input, self.linear)
+            warn_outside_ddp_forward(self)
+            logits = self.linear(input)
+            return self.head_loss(
+                input, logits, target, return_index=return_index, generator=generator
+            )
+        if scale is None:
+            raise ValueError(
+                "scale: required when the module wraps no nn.Linear: call it as "
+                "(logits, target, scale)"
+            )
+        return weight_noise_worst_of_k_cross_entropy(
+            input,
             target,
             scale,
             return_index=return_index,

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import _validation as v
 from ._autocast import loss_dtype
+from ._heads_check import check_head_features, warn_outside_ddp_forward
 from ._ops import ops, stats_dtype
 from .modules import LossModule
 from .reference import reduce_loss
@@ -144,17 +145,21 @@ class WeightRobustCrossEntropy(LossModule):
 
     Two ways to use it:
 
-    * wrapping the model's last ``nn.Linear`` (``linear=model.fc, eps=..., p=...``):
-      ``loss = loss_fn(features, target)`` computes the logits ``linear(features)`` and the
-      radius ``eps * ||features||_q`` and returns the robust loss (gradients reach the layer and
-      the features through both); ``return_logits=True`` also returns the clean logits;
+    * wrapping the model's last ``nn.Linear`` (``linear=model.fc, eps=..., p=...``), ``eps``
+      the bound on each row's move ``||dw_c||_p``: ``loss = loss_fn(features, target)``
+      computes the logits ``linear(features)`` and the radius ``eps * ||features||_q`` and
+      returns the robust loss (gradients reach the layer and the features through both);
+      ``return_logits=True`` also returns the clean logits;
     * without a layer: ``loss = loss_fn(logits, target, radius)``.
 
-    Example::
+    Under DistributedDataParallel (or whenever the head should run inside the model's own
+    forward, e.g. a ``torch.compile``'d model) wrap the whole model with
+    :class:`fastmargin.HeadLoss`, which runs the model's forward and applies this loss to the
+    head's input and output: calling the head outside the DDP forward leaves the replicas'
+    parameters to drift apart::
 
-        loss_fn = fm.WeightRobustCrossEntropy(model.fc, eps=0.05)
-        h = model.backbone(x)
-        loss = loss_fn(h, y)
+        loss_fn = fm.HeadLoss(ddp_model, fm.WeightRobustCrossEntropy(model.fc, eps=0.05))
+        loss = loss_fn(x, y)
     """
 
     def __init__(
@@ -179,6 +184,20 @@ class WeightRobustCrossEntropy(LossModule):
         )
         self.linear = linear
 
+    def head_loss(
+        self, features: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """The robust loss of ``logits`` = head(``features``), radius ``eps * ||features||_q``."""
+        radius = weight_perturbation_radius(features, self.eps, self.p)
+        return weight_robust_cross_entropy(
+            logits,
+            target,
+            radius,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
+
     def forward(
         self,
         input: torch.Tensor,
@@ -193,26 +212,22 @@ class WeightRobustCrossEntropy(LossModule):
                     "radius: not accepted when the module wraps an nn.Linear (the radius is "
                     "eps * ||features||_q); pass features and target only"
                 )
-            v.check_tensor(input, "features")
-            if input.dim() != 2:
-                raise ValueError(
-                    f"features: expected a 2-D (N, D) tensor, got shape {tuple(input.shape)}"
-                )
+            check_head_features(input, self.linear)
+            warn_outside_ddp_forward(self)
             logits = self.linear(input)
-            radius = weight_perturbation_radius(input, self.eps, self.p)
-        else:
-            if radius is None:
-                raise ValueError(
-                    "radius: required when the module wraps no nn.Linear: call it as "
-                    "(logits, target, radius)"
-                )
-            logits = input
+            loss = self.head_loss(input, logits, target)
+            return (loss, logits) if return_logits else loss
+        if radius is None:
+            raise ValueError(
+                "radius: required when the module wraps no nn.Linear: call it as "
+                "(logits, target, radius)"
+            )
         loss = weight_robust_cross_entropy(
-            logits,
+            input,
             target,
             radius,
             label_smoothing=self.label_smoothing,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
         )
-        return (loss, logits) if return_logits else loss
+        return (loss, input) if return_logits else loss

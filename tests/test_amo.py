@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -263,6 +261,8 @@ def test_remove_restores_the_model_exactly():
     before_state = copy.deepcopy(model.state_dict())
     n_hooks = _hook_count(model)
     amo = fm.AllLayerMargin(model)
+    assert _hook_count(model) == n_hooks  # the default layers are chosen at the first call
+    amo.trace(x)
     assert _hook_count(model) == n_hooks + 2
     torch.testing.assert_close(model(x), before_out)  # hooks are inert outside a call
     amo(x, y)
@@ -274,7 +274,7 @@ def test_remove_restores_the_model_exactly():
     with pytest.raises(RuntimeError, match="removed"):
         amo(x, y)
     amo.close()  # an alias of remove(), idempotent
-    with fm.AllLayerMargin(model) as amo2:
+    with fm.AllLayerMargin(model, ["0", "3"]) as amo2:
         amo2(x, y)
         assert _hook_count(model) == n_hooks + 2
     assert _hook_count(model) == n_hooks
@@ -317,7 +317,9 @@ def test_custom_loss_fn():
 def test_module_selection():
     model = cnn()
     amo = fm.AllLayerMargin(model)
-    assert amo.layer_names == ["0", "3"]  # every Conv/Linear but the final classifier
+    with pytest.raises(RuntimeError, match="call amo.trace"):
+        _ = amo.layer_names
+    assert amo.trace(data("cnn")[0]) == ["0", "3"]  # every Conv/Linear but the last one run
     amo.remove()
     amo = fm.AllLayerMargin(model, ["2", model[8]])
     assert amo.layer_names == ["2", "8"]
@@ -333,8 +335,8 @@ def test_module_selection():
         fm.AllLayerMargin(model, [3])
     with pytest.raises(ValueError, match="modules: no layers were selected"):
         fm.AllLayerMargin(model, lambda n, m: False)
-    with pytest.raises(ValueError, match="modules: the model has no Conv or Linear"):
-        fm.AllLayerMargin(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match="modules: the model's forward runs no Conv or Linear"):
+        fm.AllLayerMargin(nn.Sequential(nn.Linear(3, 2))).trace(torch.randn(2, 3))
     assert _hook_count(model) == 0
 
 
@@ -399,59 +401,7 @@ def test_cuda_matches_plain_hook_implementation(kind, autocast):
         torch.testing.assert_close(a, b, **gtol)
 
 
-# --- DistributedDataParallel (2 processes, gloo) -----------------------------------------
-
-
-def _ddp_worker(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = mlp(seed=0)
-        local = copy.deepcopy(model)
-        ddp = DDP(model)
-        reduced = []
-
-        def count_allreduce(state, bucket):
-            reduced.append(bucket.index())
-            fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0] / world)
-
-        ddp.register_comm_hook(None, count_allreduce)
-        x, y = data("mlp", seed=100 + rank, B=8)
-        loss = fm.AllLayerMargin(ddp, inner_lr=0.3, inner_steps=2)(x, y)
-        assert reduced == [], "the ascent triggered a gradient all-reduce"
-        assert all(p.grad is None for p in ddp.parameters())
-        loss.backward()
-        assert reduced, "backward of the AMO loss did not sync gradients"
-        # Reference: AMO on this process's examples alone, gradients averaged by hand.
-        ref = fm.AllLayerMargin(local, inner_lr=0.3, inner_steps=2)(x, y)
-        ref.backward()
-        torch.testing.assert_close(loss, ref)
-        for p, q in zip(model.parameters(), local.parameters()):
-            dist.all_reduce(q.grad)
-            torch.testing.assert_close(p.grad, q.grad / world)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_processes_gloo():
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+# (DistributedDataParallel: tests/test_ddp.py runs AMO in 2 gloo processes.)
 
 
 # --- training check ------------------------------------------------------------------------

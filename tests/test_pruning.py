@@ -230,3 +230,33 @@ def test_train_on_pruned_low_margin_tenth_keeps_test_accuracy(one_thread):
     # control: keeping the highest-margin tenth instead loses accuracy (the choice matters)
     high, _ = _train(x, y, epochs, fm.MarginPruner(len(x), keep_fraction=0.1), keep_high=True)
     assert _accuracy(high, x_test, y_test) < acc_pruned - 0.01
+
+
+def test_min_separated_activates_with_a_few_misclassified_points(caplog):
+    """93 % of the margins > 0: the default (all separated) stays off, min_separated=0.9 turns
+    pruning on, visibly (attribute, epoch, log line)."""
+    import logging
+
+    n = 100
+    margins = torch.linspace(-0.5, 3.0, n)  # 15 of 100 are <= 0
+    margins[:8] = torch.linspace(0.01, 0.1, 8)  # now 93 % > 0
+    strict = fm.MarginPruner(n, keep_fraction=0.2)
+    strict.update(torch.arange(n), margins)
+    assert not strict.active and strict.activated_epoch is None
+    assert strict.separated_fraction == pytest.approx(0.93)
+    assert len(list(strict)) == n
+    pruner = fm.MarginPruner(n, keep_fraction=0.2, min_separated=0.9)
+    pruner.set_epoch(6)
+    with caplog.at_level(logging.INFO, logger="fastmargin.pruning"):
+        pruner.update(torch.arange(n), margins)
+    assert pruner.active and pruner.activated_epoch == 6
+    assert "pruning is on from epoch 6: 93.0% of 100 margins are > 0" in caplog.text
+    kept = sorted(pruner)
+    assert len(kept) == 20
+    assert set(kept) == set(torch.sort(margins, stable=True).indices[:20].tolist())
+    state = pruner.state_dict()
+    again = fm.MarginPruner(n, keep_fraction=0.2, min_separated=0.9)
+    again.load_state_dict(state)
+    assert again.activated_epoch == 6 and again.separated_fraction == pytest.approx(0.93)
+    with pytest.raises(ValueError, match="min_separated"):
+        fm.MarginPruner(n, min_separated=1.5)
