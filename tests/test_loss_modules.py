@@ -123,7 +123,7 @@ def test_repr_shows_the_options():
         "ignore_index=-100, reduction='mean')"
     )
     text = repr(fm.WeightNoiseWorstOfKCrossEntropy(k=3))
-    assert text.startswith("WeightNoiseWorstOfKCrossEntropy(k=3, temperature=0.0")
+    assert text.startswith("WeightNoiseWorstOfKCrossEntropy(") and "k=3, temperature=0.0" in text
     assert "reduction='mean'" in repr(fm.WeightRobustCrossEntropy(eps=0.1))
 
 
