@@ -65,7 +65,7 @@ def _as_copies(hidden: torch.Tensor, target: torch.Tensor, dim: Optional[int]):
         if hidden.dim() == 3:
             raise ValueError(
                 f"hidden: a 3-D tensor of shape {tuple(hidden.shape)} holds augmented copies; "
-                "pass dim=0 for (k, B, H) (torch.cat of k batches) or dim=1 for (B, k, H). "
+                "pass dim=0 or dim=1 (dim=0: (k, B, H), torch.cat of k batches; dim=1: (B, k, H)). "
                 "Without dim, hidden is (N, H) or (H,) as for F.cross_entropy (k = 1)"
             )
         raise ValueError(
