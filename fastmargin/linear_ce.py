@@ -86,7 +86,9 @@ def _check_chunk_size(chunk_size: object) -> Optional[int]:
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size: expected an int >= 1 or None, got {type(chunk_size).__name__}")
+        raise TypeError(
+            f"chunk_size: expected an int >= 1 or None, got {type(chunk_size).__name__}"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1 (samples per chunk), got {chunk_size}")
     return chunk_size
@@ -99,7 +101,9 @@ def _autocast_inputs(hidden, weight, bias):
     if not torch.is_autocast_enabled(device):
         return hidden, weight, bias, False
     dt = torch.get_autocast_dtype(device)
-    cast = [t if t is None or not t.is_floating_point() else t.to(dt) for t in (hidden, weight, bias)]
+    cast = [
+        t if t is None or not t.is_floating_point() else t.to(dt) for t in (hidden, weight, bias)
+    ]
     return cast[0], cast[1], cast[2], True
 
 

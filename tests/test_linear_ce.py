@@ -76,9 +76,7 @@ def _check(hidden, weight, target, bias, *, dim, chunk_size=None, **kw):
 def test_matches_unfused(device, dtype, dim, chunk_size, temperature):
     x = _inputs(dim, dtype, device=device, ignore=True)
     for reduction in ("mean", "sum", "none"):
-        _check(
-            *x, dim=dim, chunk_size=chunk_size, temperature=temperature, reduction=reduction
-        )
+        _check(*x, dim=dim, chunk_size=chunk_size, temperature=temperature, reduction=reduction)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -116,10 +114,14 @@ def test_k1_is_cross_entropy(reduction):
     ref = F.cross_entropy(F.linear(h2, w2, b2), target, **kw)
     torch.testing.assert_close(out, ref)
     g = torch.rand_like(ref)
-    for a, r in zip(torch.autograd.grad(out, (h, w, b), g), torch.autograd.grad(ref, (h2, w2, b2), g)):
+    for a, r in zip(
+        torch.autograd.grad(out, (h, w, b), g), torch.autograd.grad(ref, (h2, w2, b2), g)
+    ):
         torch.testing.assert_close(a, r)
     one = fm.linear_worst_of_k_cross_entropy(hidden[0], weight, target[0].clone().fill_(3), bias)
-    torch.testing.assert_close(one, F.cross_entropy(F.linear(hidden[0], weight, bias), target[0].clone().fill_(3)))
+    torch.testing.assert_close(
+        one, F.cross_entropy(F.linear(hidden[0], weight, bias), target[0].clone().fill_(3))
+    )
     assert one.shape == ()
 
 
@@ -179,14 +181,18 @@ def test_frozen_head():
     out = fm.linear_worst_of_k_cross_entropy(hidden, w, target, dim=1)
     (gw,) = torch.autograd.grad(out, (w,))
     w2 = weight.clone().requires_grad_(True)
-    (gw2,) = torch.autograd.grad(reference.linear_worst_of_k_cross_entropy(hidden, w2, target, dim=1), (w2,))
+    (gw2,) = torch.autograd.grad(
+        reference.linear_worst_of_k_cross_entropy(hidden, w2, target, dim=1), (w2,)
+    )
     torch.testing.assert_close(gw, gw2)
 
 
 def test_no_grad_forward():
     hidden, weight, target, bias = _inputs(0, torch.float32)
     with torch.no_grad():
-        out = fm.linear_worst_of_k_cross_entropy(hidden, weight.requires_grad_(), target, bias, dim=0)
+        out = fm.linear_worst_of_k_cross_entropy(
+            hidden, weight.requires_grad_(), target, bias, dim=0
+        )
     ref = reference.linear_worst_of_k_cross_entropy(hidden, weight, target, bias, dim=0)
     torch.testing.assert_close(out, ref.detach())
     assert out.grad_fn is None
@@ -219,7 +225,9 @@ def test_module_tied_embedding(wrap):
     loss.backward()
     fused = [p.grad.clone() for p in lm.parameters()]
     lm.zero_grad()
-    ref = fm.reference.worst_of_k_cross_entropy(lm.head(features()), target, dim=0, label_smoothing=0.1)
+    ref = fm.reference.worst_of_k_cross_entropy(
+        lm.head(features()), target, dim=0, label_smoothing=0.1
+    )
     ref.backward()
     torch.testing.assert_close(loss, ref)
     for a, r in zip(fused, (p.grad for p in lm.parameters())):
@@ -236,7 +244,9 @@ def test_module_class_weight_buffer_and_options():
     ref = F.cross_entropy(head(hidden), target, weight=w, reduction="sum")
     torch.testing.assert_close(out, ref)
     loss_fn.reduction = "mean"
-    torch.testing.assert_close(loss_fn(hidden, target), F.cross_entropy(head(hidden), target, weight=w))
+    torch.testing.assert_close(
+        loss_fn(hidden, target), F.cross_entropy(head(hidden), target, weight=w)
+    )
     with pytest.raises(TypeError, match="head"):
         fm.LinearWorstOfKCrossEntropy(nn.Conv1d(1, 1, 1))
 
@@ -247,14 +257,24 @@ def test_weight_robust(p, dtype):
     hidden, weight, target, bias = _inputs(None, dtype, ignore=True)
     for reduction in ("mean", "none"):
         _check(
-            hidden, weight, target, bias, dim=None, chunk_size=3, robust_eps=0.05, robust_p=p,
-            reduction=reduction, label_smoothing=0.1,
+            hidden,
+            weight,
+            target,
+            bias,
+            dim=None,
+            chunk_size=3,
+            robust_eps=0.05,
+            robust_p=p,
+            reduction=reduction,
+            label_smoothing=0.1,
         )
     # and against the public weight-robust loss on the materialised logits
     h = hidden.float().requires_grad_(True)
     w = weight.float()
     out = fm.linear_worst_of_k_cross_entropy(h, w, target, robust_eps=0.05, robust_p=p)
-    ref = fm.weight_robust_cross_entropy(F.linear(h, w), target, fm.weight_perturbation_radius(h, 0.05, p))
+    ref = fm.weight_robust_cross_entropy(
+        F.linear(h, w), target, fm.weight_perturbation_radius(h, 0.05, p)
+    )
     torch.testing.assert_close(out, ref)
 
 
@@ -272,7 +292,7 @@ def test_gradcheck_float64():
         b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
         y = torch.tensor([0, 4, -100, 2])
 
-        def fn(h, w, b, dim=dim, kw=kw):
+        def fn(h, w, b, dim=dim, kw=kw, y=y):
             return fm.linear_worst_of_k_cross_entropy(h, w, y, b, dim=dim, chunk_size=3, **kw)
 
         assert torch.autograd.gradcheck(fn, (h, w, b))
@@ -353,8 +373,20 @@ def _op_args(reduction, need, radius=False, copies_first=True):
     weight.requires_grad_(need[1])
     bias.requires_grad_(need[2])
     return (
-        hidden, weight, bias, target, cw, copies_first, 0.3, 0.1, -100, reduction, 3,
-        0.05 if radius else 0.0, 2.0, list(need),
+        hidden,
+        weight,
+        bias,
+        target,
+        cw,
+        copies_first,
+        0.3,
+        0.1,
+        -100,
+        reduction,
+        3,
+        0.05 if radius else 0.0,
+        2.0,
+        list(need),
     )
 
 
@@ -374,14 +406,33 @@ def test_opcheck(reduction, need, radius, copies_first):
 
 
 def test_opcheck_backward_op():
-    hidden, weight, bias, target, cw, cf, tau, ls, ii, _red, chunk, re, rq, _ = _op_args("none", (True, True, True))
+    hidden, weight, bias, target, cw, cf, tau, ls, ii, _red, chunk, re, rq, _ = _op_args(
+        "none", (True, True, True)
+    )
     out = torch.ops.fastmargin.linear_worst_of_k_ce(
         hidden, weight, bias, target, cw, cf, tau, ls, ii, "none", chunk, re, rq, [False] * 3
     )
     lse, wsel, dr = out[2], out[3], out[4]
     # The backward op is not itself differentiable (second derivatives raise): plain inputs.
     hidden, weight, bias = hidden.detach(), weight.detach(), bias.detach()
-    args = (torch.rand(B), hidden, weight, bias, target, cw, lse, wsel, dr, cf, ls, ii, chunk, re, rq, [True] * 3)
+    args = (
+        torch.rand(B),
+        hidden,
+        weight,
+        bias,
+        target,
+        cw,
+        lse,
+        wsel,
+        dr,
+        cf,
+        ls,
+        ii,
+        chunk,
+        re,
+        rq,
+        [True] * 3,
+    )
     torch.library.opcheck(torch.ops.fastmargin.linear_worst_of_k_ce_backward.default, args)
 
 
@@ -394,8 +445,6 @@ def test_compile_fullgraph(backend):
         return fm.linear_worst_of_k_cross_entropy(h, w, y, b, dim=0, temperature=0.2, chunk_size=3)
 
     compiled = torch.compile(step, fullgraph=True, backend=backend)
-    for fn in (step, compiled):
-        pass
     leaves_e, leaves_c = _leaves([hidden, weight, bias]), _leaves([hidden, weight, bias])
     out_e = step(*leaves_e, target)
     out_c = compiled(*leaves_c, target)
@@ -413,7 +462,9 @@ def test_compile_none_reduction():
     g = torch.rand(B)
     out_c, out_e = compiled(h1, w1, target), step(h2, w2, target)
     torch.testing.assert_close(out_c, out_e)
-    for a, r in zip(torch.autograd.grad(out_c, (h1, w1), g), torch.autograd.grad(out_e, (h2, w2), g)):
+    for a, r in zip(
+        torch.autograd.grad(out_c, (h1, w1), g), torch.autograd.grad(out_e, (h2, w2), g)
+    ):
         torch.testing.assert_close(a, r)
 
 
