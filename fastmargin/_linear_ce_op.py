@@ -42,11 +42,12 @@ _REDUCTION_CODES = ("none", "mean", "sum")
 
 
 def default_chunk_size(batch: int, copies: int, hidden_size: int, vocab: int) -> int:
-    """Samples per chunk when the caller gives none: about 2^22 logits elements per chunk
-    (16 MiB in float32: large enough for GEMMs near peak on a CPU or a GPU, small next to the
-    (k * B, V) logits of a language-model head), and at least one sample."""
-    per_sample = max(1, copies * vocab)
-    return max(1, min(batch, (1 << 22) // per_sample))
+    """Samples per chunk when the caller gives none: chunk logits of about the size of the
+    hidden states (rows * H elements, so memory stays O(N * H)), but at least 2^24 elements
+    (64 MiB in float32) so the GEMMs run near peak, and at least one sample."""
+    rows = batch * copies
+    elements = max(rows * hidden_size, 1 << 24)
+    return max(1, min(batch, elements // max(1, copies * vocab)))
 
 
 def _sample_axis(copies_first: bool) -> int:
@@ -218,10 +219,18 @@ class _Sweep:
                     gh.add_(self._radius_grad(hc, g * dr).view(gh.shape).to(gh.dtype))
             z2 = _rows_2d(z)
             if need_w:
-                part = z2.t().mm(_rows_2d(hc))
-                grad_weight.add_(part)
+                h2 = _rows_2d(hc)
+                if grad_weight.dtype == z2.dtype:  # accumulate in place, no temporary
+                    grad_weight.addmm_(z2.t(), h2)
+                else:  # half inputs: the chunk's product in its dtype, summed in float32
+                    grad_weight.add_(z2.t().mm(h2))
             if need_b and bias is not None:
-                grad_bias.add_(z2.sum(dim=0, dtype=acc))
+                # a column sum as a GEMV (much faster than sum(dim=0) on the CPU)
+                ones = z2.new_ones((z2.shape[0],))
+                if grad_bias.dtype == z2.dtype:
+                    grad_bias.addmv_(z2.t(), ones)
+                else:
+                    grad_bias.add_(z2.t().mv(ones))
         if want_grad:
             if need_w:
                 grad_weight = grad_weight.to(weight.dtype)
