@@ -139,7 +139,8 @@ class _Sweep:
         r = self.radius_eps * torch.linalg.vector_norm(h, ord=self.radius_q, dim=1)
         return r.to(self.f)
 
-    def forward(self, temperature: float):
+    def allocate_outputs(self):
+        """(loss, index, lse, copy weights, dloss/dradius) of the whole batch, to fill."""
         B, k, f, dev = self.B, self.k, self.f, self.hidden.device
         loss = torch.empty((B,), dtype=f, device=dev)
         index = torch.empty((B,), dtype=torch.long, device=dev)
@@ -156,11 +157,11 @@ class _Sweep:
         saved,
         need: Tuple[bool, bool, bool],
     ):
-        """Walks the chunks. ``outputs`` (from :meth:`forward`) are filled when ``saved`` is
-        None (the CE forward runs per chunk); otherwise ``saved = (lse, wsel, dradius)`` come
-        from an earlier forward. With ``grad_loss`` ((B,) per-sample upstream gradients) the
-        gradients are accumulated and returned as (grad_hidden, grad_weight, grad_bias),
-        each an empty (0,) tensor where ``need`` says it is not wanted."""
+        """Walks the chunks. ``outputs`` (from :meth:`allocate_outputs`) are filled when
+        ``saved`` is None (the CE forward runs per chunk); otherwise ``saved`` holds
+        (lse, wsel, dradius) from an earlier forward. With ``grad_loss`` ((B,) per-sample
+        upstream gradients) the gradients are accumulated and returned as (grad_hidden,
+        grad_weight, grad_bias), each an empty (0,) tensor where ``need`` does not ask."""
         need_h, need_w, need_b = need
         want_grad = grad_loss is not None and any(need)
         hidden, weight, bias = self.hidden, self.weight, self.bias
@@ -245,12 +246,6 @@ class _Sweep:
         return (self.radius_eps * g_radius)[:, None] * _norm_grad(h, norm, self.radius_q)
 
 
-def _sweep(hidden, weight, bias, target, class_weight, copies_first, chunk_size, ls, ii, re, rq):
-    return _Sweep(
-        hidden, weight, bias, target, class_weight, copies_first, chunk_size, ls, ii, re, rq
-    )
-
-
 @torch.library.custom_op("fastmargin::linear_worst_of_k_ce", mutates_args=())
 def linear_worst_of_k_ce(
     hidden: torch.Tensor,
@@ -281,7 +276,7 @@ def linear_worst_of_k_ce(
     grad_bias). loss: 0-d for 'mean' / 'sum' (statistics dtype), (B,) for 'none'. The three
     gradients (for an upstream gradient of 1) are computed for 'mean' / 'sum' where
     ``need_grad`` = [hidden, weight, bias] asks for them, else they are empty (0,) tensors."""
-    s = _sweep(
+    s = _Sweep(
         hidden,
         weight,
         bias,
@@ -294,7 +289,7 @@ def linear_worst_of_k_ce(
         radius_eps,
         radius_q,
     )
-    outputs = s.forward(temperature)
+    outputs = s.allocate_outputs()
     per_sample = outputs[0]
     grad_loss = None
     if reduction != "none" and any(need_grad):
@@ -336,7 +331,7 @@ def linear_worst_of_k_ce_backward(
     """Gradients of sum_b grad_loss[b] * loss[b] ('none'), recomputing each chunk's logits
     from the saved per-row statistics. Returns (grad_hidden, grad_weight, grad_bias), empty
     (0,) tensors where ``need_grad`` does not ask for them."""
-    s = _sweep(
+    s = _Sweep(
         hidden,
         weight,
         bias,

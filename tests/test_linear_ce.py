@@ -479,3 +479,30 @@ def test_chunk_layouts_property():
         weight = torch.randn(v, 4, generator=g)
         target = torch.randint(0, v, (b,), generator=g)
         _check(hidden, weight, target, None, dim=dim, chunk_size=chunk, temperature=0.1 * k)
+
+
+def test_peak_memory_does_not_hold_the_logits():
+    """Allocation records (profiler): the fused path's peak extra memory is the chunk's logits
+    plus the gradients, far below the unfused path's (k * B, V) logits and their gradient."""
+    from fastmargin.benchmarks.memory import peak_extra_bytes
+
+    k, b, h, v = 2, 512, 16, 2000
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(k, b, h, generator=g).requires_grad_(True)
+    weight = torch.randn(v, h, generator=g).requires_grad_(True)
+    target = torch.randint(0, v, (b,), generator=g)
+
+    def fused():
+        loss = fm.linear_worst_of_k_cross_entropy(hidden, weight, target, dim=0, chunk_size=16)
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    def unfused():
+        logits = F.linear(hidden, weight)
+        loss = fm.worst_of_k_cross_entropy(logits, target, dim=0)
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    logits_bytes = k * b * v * 4
+    fused_peak, unfused_peak = peak_extra_bytes(fused, "cpu"), peak_extra_bytes(unfused, "cpu")
+    assert unfused_peak >= 2 * logits_bytes
+    grads_bytes = 2 * (k * b * h + v * h) * 4  # the gradients and their scaled copies
+    assert fused_peak <= 16 * k * v * 4 + grads_bytes + logits_bytes // 8
