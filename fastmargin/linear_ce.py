@@ -198,7 +198,7 @@ def linear_worst_of_k_cross_entropy(
     temperature = v.check_nonnegative(temperature, "temperature")
     label_smoothing = v.check_label_smoothing(label_smoothing)
     v.check_reduction(reduction)
-    if isinstance(return_index, bool) is False:
+    if not isinstance(return_index, bool):
         raise TypeError(f"return_index: expected a bool, got {type(return_index).__name__}")
     target = v.check_class_target(target, B, V, ignore_index, hidden)
     try:
