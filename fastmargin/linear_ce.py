@@ -101,8 +101,10 @@ def _autocast_inputs(hidden, weight, bias):
     if not torch.is_autocast_enabled(device):
         return hidden, weight, bias, False
     dt = torch.get_autocast_dtype(device)
+    # autocast casts float32 tensors only (float64 stays float64), as it does for F.linear
     cast = [
-        t if t is None or not t.is_floating_point() else t.to(dt) for t in (hidden, weight, bias)
+        t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+        for t in (hidden, weight, bias)
     ]
     return cast[0], cast[1], cast[2], True
 
@@ -235,7 +237,9 @@ def linear_worst_of_k_cross_entropy(
         robust_q,
         need,
     )
-    loss = loss.to(torch.float32 if autocast else hidden.dtype)
+    # under autocast the CE of half logits runs (and returns) in float32, as F.cross_entropy's
+    half = hidden.dtype in (torch.float16, torch.bfloat16)
+    loss = loss.to(torch.float32 if autocast and half else hidden.dtype)
     if batchless:
         loss, index = loss.reshape(()), index.reshape(())
     return (loss, index) if return_index else loss

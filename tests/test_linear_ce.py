@@ -320,6 +320,13 @@ def test_autocast_matches_pytorch():
     for a, r in zip(ga, gr):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, r, atol=2e-2, rtol=2e-2)
+    # bfloat16 hidden states with a float32 head, and float64 (left alone by autocast)
+    for hd, wd in [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fm.linear_worst_of_k_cross_entropy(hidden.to(hd), weight.to(wd), target)
+            ref = F.cross_entropy(F.linear(hidden.to(hd), weight.to(wd)), target)
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
 
 
 def _bad_calls():
