@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from . import _target_checks as tc
@@ -80,6 +81,18 @@ def _as_copies(hidden: torch.Tensor, target: torch.Tensor, dim: Optional[int]):
             f"{tuple(hidden.shape)}"
         )
     return hidden, dim in (0, -3), target, False
+
+
+def _refuse_forward_ad(*tensors) -> None:
+    """Forward-mode AD (``torch.func.jvp``, ``forward_ad`` dual tensors) has no formula here;
+    without this check the tangent would be dropped and read as 0."""
+    for name, t in zip(("hidden", "weight", "bias"), tensors):
+        if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
+            raise RuntimeError(
+                f"{name}: forward-mode AD (jvp) is not supported by "
+                "linear_worst_of_k_cross_entropy; use the unfused "
+                "worst_of_k_cross_entropy(F.linear(...)) or reverse mode"
+            )
 
 
 def _check_chunk_size(chunk_size: object) -> Optional[int]:
@@ -179,7 +192,7 @@ def linear_worst_of_k_cross_entropy(
         TypeError, ValueError for malformed arguments (naming the argument); IndexError for a
         target out of range (while ``fm.set_validation`` is on). Second derivatives are not
         supported: a backward with ``create_graph=True`` raises RuntimeError (never a silent
-        wrong Hessian); forward-mode AD raises too.
+        wrong Hessian); forward-mode AD (``torch.func.jvp``) raises RuntimeError too.
     """
     hidden = v.check_tensor(hidden, "hidden")
     v.check_float_dtype(hidden, "hidden")
@@ -190,6 +203,7 @@ def linear_worst_of_k_cross_entropy(
             f"targets ({target.dtype}) are not supported here (use worst_of_k_cross_entropy "
             "on F.linear's logits)"
         )
+    _refuse_forward_ad(hidden, weight, bias)
     hidden, weight, bias, autocast = _autocast_inputs(hidden, weight, bias)
     V, _H = _check_head(hidden, weight, bias)
     h3, copies_first, target, batchless = _as_copies(hidden, target, dim)

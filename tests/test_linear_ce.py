@@ -306,6 +306,20 @@ def test_double_backward_raises():
         torch.autograd.grad(out, (h,), create_graph=True)
 
 
+def test_forward_mode_ad_raises():
+    hidden, weight, target, _ = _inputs(None, torch.float32)
+    tangent = torch.ones_like(hidden)
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jvp(
+            lambda h: fm.linear_worst_of_k_cross_entropy(h, weight, target), (hidden,), (tangent,)
+        )
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        w = fwAD.make_dual(weight, torch.ones_like(weight))
+        fm.linear_worst_of_k_cross_entropy(hidden, w, target)
+
+
 def test_autocast_matches_pytorch():
     hidden, weight, target, bias = _inputs(None, torch.float32)
     h, w, b = _leaves([hidden, weight, bias])
