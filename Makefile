@@ -53,13 +53,13 @@ bench: $(BUILD_STAMP)
 	$(PY) -m fastmargin bench
 
 lint: $(VENV_STAMP)
-	$(VENV)/bin/ruff check fastmargin tests bench setup.py
-	$(VENV)/bin/ruff format --check fastmargin tests bench setup.py
+	$(VENV)/bin/ruff check fastmargin tests bench examples setup.py
+	$(VENV)/bin/ruff format --check fastmargin tests bench examples setup.py
 	$(VENV)/bin/clang-format --dry-run -Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 format: $(VENV_STAMP)
-	$(VENV)/bin/ruff check --fix fastmargin tests bench setup.py
-	$(VENV)/bin/ruff format fastmargin tests bench setup.py
+	$(VENV)/bin/ruff check --fix fastmargin tests bench examples setup.py
+	$(VENV)/bin/ruff format fastmargin tests bench examples setup.py
 	$(VENV)/bin/clang-format -i $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 clean:

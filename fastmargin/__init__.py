@@ -12,6 +12,7 @@ from ._validation import set_validation, validation_enabled
 from .amo import AllLayerMargin
 from .functional import worst_of_k_cross_entropy
 from .heads import HeadLoss
+from .linear_ce import LinearWorstOfKCrossEntropy, linear_worst_of_k_cross_entropy
 from .margin_op import multiclass_margin
 from .margins import margin_auc, margin_distribution, plot_margin_cdf, weight_norm_product
 from .maxup import MaxUp
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllLayerMargin",
     "HeadLoss",
+    "LinearWorstOfKCrossEntropy",
     "MarginPruner",
     "MaxUp",
     "NoiseStability",
@@ -39,6 +41,7 @@ __all__ = [
     "WorstOfKCrossEntropy",
     "all_layer_perturb",
     "augment",
+    "linear_worst_of_k_cross_entropy",
     "margin_auc",
     "margin_distribution",
     "multiclass_margin",

@@ -321,3 +321,42 @@ def all_layer_margin_loss(
     finally:
         for h in handles:
             h.remove()
+
+
+# --- fused linear head + worst-of-k cross-entropy ----------------------------------------------
+
+
+def linear_worst_of_k_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    dim: int | None = None,
+    temperature: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    class_weight: torch.Tensor | None = None,
+    robust_eps: float = 0.0,
+    robust_p: float = 2.0,
+) -> torch.Tensor:
+    """The unfused composition: the head's full logits F.linear(hidden, weight, bias), then
+    F.cross_entropy (dim=None, k = 1) or the worst-of-k loss over copies along ``dim``.
+
+    With ``robust_eps > 0`` (k = 1): F.cross_entropy of the weight-robust logits
+    z~ = z + r (1 - 2 e_y), r = robust_eps * ||hidden||_q (1/p + 1/q = 1).
+    """
+    logits = F.linear(hidden, weight, bias)
+    options = dict(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        weight=class_weight,
+    )
+    if robust_eps > 0:
+        radius = weight_perturbation_radius(hidden, robust_eps, robust_p)
+        logits = weight_robust_logits(logits, target, radius.to(logits.dtype), ignore_index)
+    if dim is None:
+        return F.cross_entropy(logits, target, **options)
+    return worst_of_k_cross_entropy(logits, target, dim=dim, temperature=temperature, **options)

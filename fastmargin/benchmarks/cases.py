@@ -307,6 +307,7 @@ OPS = (
     "weight_robust_ce",
     "weight_noise_ce",
     "all_layer_perturb",
+    "linear_worst_of_k_ce",
 )
 
 
@@ -330,4 +331,91 @@ def default_cases(device: str, *, quick: bool = False) -> List[Case]:
     for batch, per_example in [(512, 65536), (512, 4096)] if gpu else [(64, 4096)]:
         for dtype in dtypes:
             cases.append(perturb_case(batch, per_example, dtype))
+    cases += linear_ce_cases(device, quick=quick)
     return cases
+
+
+# --- fused linear head + worst-of-k cross-entropy ------------------------------------------
+
+
+def _linear_ce_fm(h, w, y):
+    return fm.linear_worst_of_k_cross_entropy(h, w, y, dim=0)
+
+
+def _linear_ce_ref(h, w, y):
+    return ref.linear_worst_of_k_cross_entropy(h, w, y, dim=0)
+
+
+def _liger_fused_linear_cross_entropy() -> Optional[Callable]:
+    try:  # optional peer: Liger-Kernel's fused linear cross entropy (k = 1, GPU only)
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except Exception:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def _linear_ce_unfused(h, w, y):
+    return fm.worst_of_k_cross_entropy(torch.nn.functional.linear(h, w), y, dim=0)
+
+
+def _linear_ce_unfused_inplace(h, w, y):
+    logits = torch.nn.functional.linear(h, w)
+    return fm.worst_of_k_cross_entropy(logits, y, dim=0, inplace_backward=True)
+
+
+def linear_ce_case(tokens: int, hidden: int, vocab: int, k: int, dtype: torch.dtype) -> Case:
+    """Linear head + worst-of-k CE, forward + backward into the hidden states and the head's
+    weight, on k copies of ``tokens`` hidden states (copy-major (k, tokens, hidden)).
+
+    Peers: the unfused path with the fused CE (``F.linear`` then
+    ``worst_of_k_cross_entropy``, with and without its in-place gradient), the eager
+    reference and ``torch.compile`` of it. Byte model: what must move without logits (read
+    hidden and weight, write both gradients); the work is three GEMMs of 2 k T H V FLOPs each,
+    so on every device this case is compute-bound and its time is compared with the unfused
+    path's rather than with the copy bandwidth."""
+    rows = k * tokens
+
+    def setup(device: str) -> Dict[str, Provider]:
+        gen = torch.Generator(device=device).manual_seed(0)
+        h = torch.randn(k, tokens, hidden, device=device, dtype=dtype, generator=gen)
+        w = torch.randn(vocab, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5
+        y = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+        inputs = (h.requires_grad_(True), w.requires_grad_(True), y)
+        providers = _providers(_linear_ce_fm, _linear_ce_ref, inputs, backward=True)
+        providers["unfused (F.linear + fm CE)"] = _forward_backward(_linear_ce_unfused, inputs)
+        providers["unfused, in-place CE gradient"] = _forward_backward(
+            _linear_ce_unfused_inplace, inputs
+        )
+        liger = _liger_fused_linear_cross_entropy()
+        if k == 1 and liger is not None and device == "cuda":
+            providers["liger fused linear CE"] = _forward_backward(
+                lambda a, b, t: liger(a.view(tokens, hidden), b, t), inputs
+            )
+        return providers
+
+    flops = 3 * 2 * rows * hidden * vocab
+    return Case(
+        op="linear_worst_of_k_ce",
+        shape=f"{tokens}x{hidden}->{vocab},k={k}",
+        dtype=dtype,
+        bytes_moved=2 * (rows * hidden + vocab * hidden) * _element_size(dtype),
+        byte_model=(
+            "read hidden + weight, write both gradients (no logits); "
+            f"FLOPs 3 GEMMs x 2kTHV = {flops / 1e9:.1f} GFLOP"
+        ),
+        setup=setup,
+    )
+
+
+def linear_ce_cases(device: str, *, quick: bool = False) -> List[Case]:
+    """The LM-head cases: GPU k = 4, 8192 tokens, H = 4096, V = 128256 in bfloat16 (and k = 1
+    against Liger's fused linear CE where installed); CPU k = 4, 2048 tokens, H = 256,
+    V = 32000 in float32; quick: a small CPU shape."""
+    if quick:
+        return [linear_ce_case(256, 64, 1000, 4, torch.float32)]
+    if device == "cuda":
+        return [
+            linear_ce_case(8192, 4096, 128256, 4, torch.bfloat16),
+            linear_ce_case(8192, 4096, 128256, 1, torch.bfloat16),
+        ]
+    return [linear_ce_case(2048, 256, 32000, 4, torch.float32)]

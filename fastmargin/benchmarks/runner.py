@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .cases import Case
+from .memory import peak_extra_bytes
 
 
 @dataclass
@@ -63,16 +64,9 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30) -> float:
 
 
 def peak_extra_mb(fn, device: str) -> Optional[float]:
-    """Peak memory allocated during ``fn`` beyond what was allocated before (CUDA only)."""
-    if device != "cuda":
-        return None
-    _sync(device)
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    _sync(device)
-    del out
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    """Peak memory allocated during ``fn`` beyond what was allocated before, in MiB (on the
+    CPU from the profiler's allocation records: see :mod:`fastmargin.benchmarks.memory`)."""
+    return peak_extra_bytes(fn, device) / 2**20
 
 
 def run_case(case: Case, device: str, copy_gbps: float, *, reps: int = 10) -> List[Result]:
