@@ -6,6 +6,7 @@ from typing import Tuple, Union
 
 import torch
 
+from . import _routes as routes
 from . import _target_checks as tc
 from . import _validation as v
 from ._ops import ops
@@ -121,7 +122,9 @@ def worst_of_k_cross_entropy(
         copies_first = dim in (0, -3)
         loss, index = _GradientIntoLogits.apply(logits, x, copies_first, reduction, *args)
     else:
-        per_sample, _lse, _weight, index, _dr = ops.worst_of_k_ce_fwd(x, args[0], None, *args[1:])
+        per_sample, _lse, _weight, index, _dr = routes.worst_of_k_ce_fwd(
+            x, args[0], None, *args[1:]
+        )
         loss = reduce_cross_entropy(per_sample, target, ignore_index, reduction, class_weight)
     loss = loss.to(logits.dtype)
     return (loss, index) if return_index else loss

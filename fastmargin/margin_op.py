@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _routes as routes
 from . import _validation as v
-from ._ops import ops
 
 
 def multiclass_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -37,5 +37,5 @@ def multiclass_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     x = v.check_rows_of_logits(logits, min_classes=2, why="the multiclass margin (C >= 2)")
     N, C = x.shape
     target = v.check_class_target(target, N, C, None, logits)
-    margin, _runner_up = ops.multiclass_margin_fwd(x, target)
+    margin, _runner_up = routes.multiclass_margin_fwd(x, target)
     return margin.to(logits.dtype)

@@ -22,6 +22,7 @@ from typing import Tuple, Union
 
 import torch
 
+from . import _routes as routes
 from . import _validation as v
 from ._ops import ops, stats_dtype
 from .modules import LossModule
@@ -202,7 +203,7 @@ def weight_noise_worst_of_k_cross_entropy(
     s = _scale_tensor(scale, logits)
     philox = draw_philox_state(logits.device, generator)
 
-    per_sample, _lse, _weight, index = ops.weight_noise_ce_fwd(
+    per_sample, _lse, _weight, index = routes.weight_noise_ce_fwd(
         x, target, s, philox, k, temperature, label_smoothing, ignore_index
     )
     loss = reduce_loss(per_sample, target, ignore_index, reduction).to(logits.dtype)

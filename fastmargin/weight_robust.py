@@ -16,8 +16,9 @@ from typing import Tuple, Union
 import torch
 from torch import nn
 
+from . import _routes as routes
 from . import _validation as v
-from ._ops import ops, stats_dtype
+from ._ops import stats_dtype
 from .modules import LossModule
 from .reference import reduce_loss
 
@@ -90,7 +91,7 @@ def weight_robust_cross_entropy(
     v.check_reduction(reduction)
     target = v.check_class_target(target, N, C, ignore_index, logits)
     r = _radius_tensor(radius, N, logits)
-    per_sample, _lse, _weight, _index, _dr = ops.worst_of_k_ce_fwd(
+    per_sample, _lse, _weight, _index, _dr = routes.worst_of_k_ce_fwd(
         x.unsqueeze(1), target, r, 0.0, label_smoothing, ignore_index
     )
     return reduce_loss(per_sample, target, ignore_index, reduction).to(logits.dtype)
