@@ -100,6 +100,14 @@ def worst_of_k_cross_entropy(
         TypeError, ValueError, RuntimeError for malformed arguments; IndexError for a target
         out of range (checked while ``fm.set_validation`` is on; without the check such a
         sample's loss is NaN).
+
+    Autograd: gradients flow into ``logits`` and probability targets (not ``weight``). First
+    order runs the fused backward op. Second and higher order (``create_graph=True``: gradient
+    penalties, Hessian-vector products, ``gradgradcheck``), forward mode
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap``
+    are exact, computed from the same math in PyTorch ops (which hold (B, k, C) temporaries).
+    With ``temperature == 0`` the max is piecewise: every derivative is the selected copy's
+    (ties to the lowest j). ``inplace_backward`` is first order only.
     """
     v.check_logits(logits, 3, "(B, k, C) for dim=1 or (k, B, C) for dim=0")
     x = _as_batch_copies_classes(logits, dim)

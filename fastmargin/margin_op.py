@@ -33,6 +33,12 @@ def multiclass_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     Raises:
         TypeError / ValueError / RuntimeError for malformed arguments (C < 2 is a ValueError),
         IndexError for an out-of-range target while validation is on.
+
+    Autograd: first order runs the fused backward op, whose own backward is registered, so
+    second and higher order (``create_graph=True``) are exact (the margin is piecewise linear:
+    its second derivative in the logits is 0). Forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap`` are exact, computed from
+    the same math in PyTorch ops (same runner-up rule).
     """
     x = v.check_rows_of_logits(logits, min_classes=2, why="the multiclass margin (C >= 2)")
     N, C = x.shape

@@ -36,6 +36,11 @@ def all_layer_perturb(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
     Returns:
         u' with u's dtype and shape (and u's memory layout when it is read in place).
+
+    Autograd: into ``u`` and ``delta``. First order runs the fused backward op; second and
+    higher order (``create_graph=True``), forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap`` are exact, computed from
+    the same math in PyTorch ops.
     """
     v.check_tensor(u, "u")
     v.check_tensor(delta, "delta")

@@ -192,6 +192,14 @@ def weight_noise_worst_of_k_cross_entropy(
         TypeError, ValueError, RuntimeError for malformed arguments (negative scale, k < 1,
         wrong shapes, dtypes or devices); IndexError for a target out of range (checked while
         ``fm.set_validation`` is on).
+
+    Autograd: into ``logits`` and ``scale`` (for the drawn noise). First order runs the fused
+    backward op; second and higher order (``create_graph=True``), forward mode
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func.grad`` are exact,
+    computed from the same math in PyTorch ops on the regenerated noise (an (N, k, C)
+    temporary). ``torch.func.vmap`` needs ``randomness="same"`` or ``"different"`` (the
+    Philox state is drawn inside the call); with ``temperature == 0`` every derivative is the
+    selected copy's (ties to the lowest j).
     """
     x = v.check_rows_of_logits(logits)
     N, C = x.shape

@@ -84,6 +84,11 @@ def weight_robust_cross_entropy(
 
     Returns:
         The loss in the logits' dtype (accumulated in float32).
+
+    Autograd: into ``logits`` and ``radius``. First order runs the fused backward op; second
+    and higher order (``create_graph=True``), forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap`` are exact, computed from
+    the same math in PyTorch ops.
     """
     x = v.check_rows_of_logits(logits)
     N, C = x.shape
