@@ -10,6 +10,7 @@ the same outputs instead (statistics the public functions do not use come back a
 from __future__ import annotations
 
 from . import _composite as comp
+from ._composite import transform_active  # noqa: F401  (for the public functions)
 from ._ops import ops
 
 

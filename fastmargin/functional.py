@@ -146,6 +146,8 @@ def _use_inplace_backward(logits: torch.Tensor, target: torch.Tensor, reduction:
         )
     if torch.compiler.is_compiling():
         return False  # traced graphs must not mutate their inputs: the out-of-place ops
+    if routes.transform_active():
+        return False  # forward-mode AD / functorch: the differentiable composite path
     if target.is_floating_point() and target.requires_grad:
         raise ValueError("inplace_backward: not available with a target that requires grad")
     return torch.is_grad_enabled() and logits.requires_grad
@@ -191,6 +193,12 @@ class _GradientIntoLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_index):
+        if torch.is_grad_enabled():  # create_graph=True: a stored gradient has no graph
+            raise RuntimeError(
+                "inplace_backward: the gradient written into the logits is first order only; "
+                "for create_graph=True (gradient penalties, double backward) call "
+                "worst_of_k_cross_entropy without inplace_backward"
+            )
         gradient = ctx.gradient
         del ctx.gradient
         return gradient.mul_(grad_loss), None, None, None, None, None, None, None, None

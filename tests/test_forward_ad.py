@@ -147,3 +147,20 @@ def test_jvp_of_margin_and_perturb_low_precision_dtypes_follow_the_fused_values(
     delta = torch.randn(3, 4, 5)
     out, _ = torch.func.jvp(lambda u: fm.all_layer_perturb(u, delta), (u,), (torch.ones_like(u),))
     torch.testing.assert_close(out, fm.all_layer_perturb(u, delta))
+
+
+def test_jvp_with_inplace_backward_takes_the_differentiable_path():
+    x = torch.randn(4, 2, 5, dtype=D, requires_grad=True)
+    y = torch.randint(0, 5, (4,))
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        loss = fm.worst_of_k_cross_entropy(
+            fwAD.make_dual(x, t), y, dim=1, temperature=0.3, inplace_backward=True
+        )
+        got = fwAD.unpack_dual(loss).tangent
+    from fastmargin import reference as R
+
+    _, expected = torch.func.jvp(
+        lambda x: R.worst_of_k_cross_entropy(x, y, dim=1, temperature=0.3), (x.detach(),), (t,)
+    )
+    torch.testing.assert_close(got, expected)

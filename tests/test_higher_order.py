@@ -171,3 +171,11 @@ def test_compiled_first_order_does_not_use_the_composite(monkeypatch):
     fn(x).backward()
     expected = torch.autograd.grad(fm.worst_of_k_cross_entropy(x, y, dim=1, temperature=0.5), x)[0]
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_inplace_backward_refuses_create_graph():
+    x = torch.randn(4, 2, 5, dtype=D, requires_grad=True)
+    y = torch.randint(0, 5, (4,))
+    loss = fm.worst_of_k_cross_entropy(x * 1.0, y, dim=1, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
