@@ -35,10 +35,10 @@ import torch.autograd.forward_ad as _forward_ad
 def transform_active() -> bool:
     """Whether a forward-mode AD level or a functorch transform is active now.
 
-    Under ``torch.compile`` tracing this is False: compiled graphs take the fused ops.
+    Also right while ``torch.compile`` traces a transform (``torch.func.jvp`` inside a compiled
+    function: dynamo evaluates both checks at trace time); a plain compiled graph sees False
+    and keeps the fused ops.
     """
-    if torch.compiler.is_compiling():
-        return False
     return _forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 

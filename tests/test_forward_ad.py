@@ -164,3 +164,16 @@ def test_jvp_with_inplace_backward_takes_the_differentiable_path():
         lambda x: R.worst_of_k_cross_entropy(x, y, dim=1, temperature=0.3), (x.detach(),), (t,)
     )
     torch.testing.assert_close(got, expected)
+
+
+def test_jvp_inside_a_compiled_function_is_exact():
+    g = torch.Generator().manual_seed(9)
+    x, t = (torch.randn(4, 1, 5, generator=g) for _ in range(2))
+    y = torch.randint(0, 5, (4,), generator=g)
+
+    def f(x):
+        return fm.worst_of_k_cross_entropy(x, y, dim=1)
+
+    got = torch.compile(lambda x, t: torch.func.jvp(f, (x,), (t,)))(x, t)
+    expected = torch.func.jvp(lambda x: F.cross_entropy(x[:, 0], y), (x,), (t,))
+    torch.testing.assert_close(got, expected)
