@@ -36,7 +36,8 @@ def multiclass_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
     Autograd: first order runs the fused backward op, whose own backward is registered, so
     second and higher order (``create_graph=True``) are exact (the margin is piecewise linear:
-    its second derivative in the logits is 0). Forward mode (``torch.func.jvp``,
+    its second derivative in the logits is 0, so the gradient of a loss linear in the margins
+    has no graph, as for PyTorch's own gather or max). Forward mode (``torch.func.jvp``,
     ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap`` are exact, computed from
     the same math in PyTorch ops (same runner-up rule).
     """
