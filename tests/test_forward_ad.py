@@ -136,8 +136,27 @@ def test_jvp_k1_matches_cross_entropy(opts, soft):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_jvp_of_margin_and_perturb_low_precision_dtypes_follow_the_fused_values():
+def test_jvp_primal_of_low_precision_inputs_equals_the_fused_value():
     # The composite forms compute in float32 for half inputs, as the kernels do.
+    x = torch.randn(6, 3, 7).to(torch.bfloat16)
+    yx = torch.randint(0, 7, (6,))
+    for opts in (dict(), dict(temperature=0.5, label_smoothing=0.1, reduction="none")):
+        primal, _ = torch.func.jvp(
+            lambda x, o=opts: fm.worst_of_k_cross_entropy(x, yx, dim=1, **o),
+            (x,),
+            (torch.ones_like(x),),
+        )
+        assert primal.dtype == torch.bfloat16
+        torch.testing.assert_close(primal, fm.worst_of_k_cross_entropy(x, yx, dim=1, **opts))
+    z32 = torch.randn(6, 7)
+    s = torch.rand(6)
+
+    def noisy(z):
+        gen = torch.Generator().manual_seed(3)
+        return fm.weight_noise_worst_of_k_cross_entropy(z, yx, s, k=3, generator=gen)
+
+    primal, _ = torch.func.jvp(noisy, (z32,), (torch.ones_like(z32),))
+    torch.testing.assert_close(primal, noisy(z32))
     z = torch.randn(5, 7).to(torch.bfloat16)
     y = torch.randint(0, 7, (5,))
     primal, _ = torch.func.jvp(lambda z: fm.multiclass_margin(z, y), (z,), (torch.ones_like(z),))
