@@ -111,7 +111,7 @@ def _scale_tensor(scale: object, logits: torch.Tensor) -> torch.Tensor:
             raise ValueError(
                 f"scale: expected a float, a 0-d tensor or shape ({N},), got {tuple(scale.shape)}"
             )
-        if v.validation_enabled() and N > 0:
+        if v.validation_enabled() and N > 0 and routes.values_checkable(scale):
             ok = torch.isfinite(scale) & (scale >= 0)
             if not bool(ok.all()):
                 bad = float(scale.detach()[~ok][0])
@@ -174,7 +174,9 @@ def weight_noise_worst_of_k_cross_entropy(
             must have stride 1 (otherwise it is copied once).
         target: (N,) integer class indices in [0, C), or ``ignore_index``.
         scale: s ≥ 0, a float or an (N,) (or 0-d) tensor, differentiable; typically
-            ``σ * h.norm(dim=1)`` (``fm.weight_perturbation_radius(h, σ, p=2.0)``).
+            ``σ * h.norm(dim=1)`` (``fm.weight_perturbation_radius(h, σ, p=2.0)``). Its values
+            are checked while ``fm.set_validation`` is on, except inside ``torch.func``
+            transforms (``vmap`` cannot read values on the host).
         k: number of noisy copies, 1 ≤ k ≤ 2^20.
         temperature: 0 for the hard max, > 0 for the smooth max.
         label_smoothing: ε in [0, 1], PyTorch's meaning.

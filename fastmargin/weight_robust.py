@@ -40,7 +40,7 @@ def _radius_tensor(radius: Radius, batch: int, logits: torch.Tensor) -> torch.Te
             f"radius: expected a float, a 0-d tensor or shape ({batch},), "
             f"got shape {tuple(radius.shape)}"
         )
-    if v.validation_enabled() and radius.numel() > 0:
+    if v.validation_enabled() and radius.numel() > 0 and routes.values_checkable(radius):
         bad = ~(torch.isfinite(radius) & (radius >= 0))
         if bool(bad.any()):
             raise ValueError(
@@ -77,7 +77,8 @@ def weight_robust_cross_entropy(
             contributes 0, and ``'mean'`` divides by the number of samples not ignored).
         radius: a float >= 0 for every sample, or a 0-d / (N,) floating tensor >= 0
             (differentiable; converted to float32, float64 for float64 logits). Its values are
-            checked (one host sync) while ``fm.set_validation`` is on.
+            checked (one host sync) while ``fm.set_validation`` is on, except inside
+            ``torch.func`` transforms (``vmap`` cannot read values on the host).
         label_smoothing: in [0, 1], PyTorch's meaning (applied to the robust row).
         ignore_index: target value that marks a sample to skip.
         reduction: ``'mean'`` | ``'sum'`` | ``'none'``.

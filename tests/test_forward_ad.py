@@ -201,3 +201,19 @@ def test_jvp_inside_a_compiled_function_is_exact():
     got = torch.compile(lambda x, t: torch.func.jvp(f, (x,), (t,)))(x, t)
     expected = torch.func.jvp(lambda x: F.cross_entropy(x[:, 0], y), (x,), (t,))
     torch.testing.assert_close(got, expected)
+
+
+def test_vmap_over_radius_and_scale_with_validation_on():
+    from fastmargin import reference as R
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(3, 5, dtype=D, generator=g)
+    y = torch.randint(0, 5, (3,), generator=g)
+    radii = torch.rand(2, 3, dtype=D, generator=g)
+    got = torch.func.vmap(lambda r: fm.weight_robust_cross_entropy(x, y, r))(radii)
+    expected = torch.stack([R.weight_robust_cross_entropy(x, y, r) for r in radii])
+    torch.testing.assert_close(got, expected)
+    got = torch.func.vmap(
+        lambda s: fm.weight_noise_worst_of_k_cross_entropy(x, y, s, k=1), randomness="same"
+    )(radii * 0)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(x, y).expand(2))
