@@ -3,11 +3,18 @@
 Schemas live in csrc/ops.cpp; CPU and CUDA kernels register themselves when _C loads. What is
 added here makes every op traceable by torch.compile (register_fake) and differentiable
 (register_autograd, whose backward is itself a registered op).
+
+A backward that autograd runs with ``create_graph=True`` (grad mode on) must itself be
+differentiable; the fused backward ops are not (in the logits), so there each backward
+differentiates the op's composite form (``fastmargin._composite``) instead. The first-order
+backward (grad mode off, as in every ``.backward()`` and compiled graph) is the fused op.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import _composite as comp
 
 try:
     from . import _C  # noqa: F401  (loading it registers the ops)
@@ -58,9 +65,10 @@ def _worst_of_k_ce_bwd_inplace_fake(
 
 
 def _worst_of_k_ce_setup_context(ctx, inputs, output):
-    logits, target, radius, _temperature, label_smoothing, ignore_index, class_weight = inputs
-    _loss, lse, weight, _index, dradius = output
-    ctx.save_for_backward(logits, target, radius, lse, weight, dradius, class_weight)
+    logits, target, radius, temperature, label_smoothing, ignore_index, class_weight = inputs
+    _loss, lse, weight, index, dradius = output
+    ctx.save_for_backward(logits, target, radius, lse, weight, dradius, class_weight, index)
+    ctx.temperature = temperature
     ctx.label_smoothing = label_smoothing
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse, weight, dradius)
@@ -81,11 +89,31 @@ def _soft_target_grad(grad_loss, logits, target, lse, weight, class_weight, labe
     return g.to(target.dtype)
 
 
+def _worst_of_k_ce_differentiable_backward(ctx, grad_loss):
+    logits, target, radius, _lse, _weight, _dradius, class_weight, index = ctx.saved_tensors
+
+    def forward(z, t, r):
+        return comp.worst_of_k_ce(
+            z, t, r, ctx.temperature, ctx.label_smoothing, ctx.ignore_index, class_weight, index
+        )[0]
+
+    need = ctx.needs_input_grad
+    grads = comp.differentiable_backward(
+        forward,
+        (logits, target, radius),
+        (need[0], need[1] and target.is_floating_point(), need[2]),
+        grad_loss,
+    )
+    return (*grads, None, None, None, None)
+
+
 def _worst_of_k_ce_backward(ctx, grad_loss, _g_lse, _g_weight, _g_index, _g_dradius):
-    logits, target, radius, lse, weight, dradius, class_weight = ctx.saved_tensors
-    grad_logits = grad_target = grad_radius = None
     if grad_loss is None:
         return None, None, None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+        return _worst_of_k_ce_differentiable_backward(ctx, grad_loss)
+    logits, target, radius, lse, weight, dradius, class_weight, _index = ctx.saved_tensors
+    grad_logits = grad_target = grad_radius = None
     grad_loss = grad_loss.to(lse.dtype).contiguous()
     if ctx.needs_input_grad[0]:
         grad_logits = ops.worst_of_k_ce_bwd(
@@ -251,6 +279,11 @@ def _all_layer_perturb_backward(ctx, grad_out, _grad_norm):
     need_u, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_out is None or not (need_u or need_delta):
         return None, None
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+        grads = comp.differentiable_backward(
+            comp.all_layer_perturb, (u, delta), (need_u, need_delta), grad_out.to(u.dtype)
+        )
+        return tuple(grads)
     grad_u, grad_delta = ops.all_layer_perturb_bwd(
         grad_out.to(u.dtype), u, delta, norm, need_u, need_delta
     )
@@ -294,10 +327,12 @@ def _weight_noise_normal_fake(philox, n, k, c):
 
 
 def _weight_noise_ce_setup_context(ctx, inputs, output):
-    logits, target, scale, philox, _k, _temperature, label_smoothing, ignore_index = inputs
-    _loss, lse, weight, _index = output
+    logits, target, scale, philox, k, temperature, label_smoothing, ignore_index = inputs
+    _loss, lse, weight, index = output
     # The noise is not saved: the backward regenerates it from the (2,) philox state.
-    ctx.save_for_backward(logits, target, scale, philox, lse, weight)
+    ctx.save_for_backward(logits, target, scale, philox, lse, weight, index)
+    ctx.k = k
+    ctx.temperature = temperature
     ctx.label_smoothing = label_smoothing
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse, weight)
@@ -307,7 +342,9 @@ def _weight_noise_ce_backward(ctx, grad_loss, _g_lse, _g_weight, _g_index):
     none = (None,) * 8
     if grad_loss is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
         return none
-    logits, target, scale, philox, lse, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+        return _weight_noise_ce_differentiable_backward(ctx, grad_loss)
+    logits, target, scale, philox, lse, weight, _index = ctx.saved_tensors
     grad_loss = grad_loss.to(lse.dtype).contiguous()
     # One pass gives both gradients (the scale's is a by-product of the logits' pass).
     grad_logits, grad_scale = ops.weight_noise_ce_bwd(
@@ -323,6 +360,29 @@ def _weight_noise_ce_backward(ctx, grad_loss, _g_lse, _g_weight, _g_index):
         None,
         None,
     )
+
+
+def _weight_noise_ce_differentiable_backward(ctx, grad_loss):
+    logits, target, scale, philox, _lse, _weight, index = ctx.saved_tensors
+
+    def forward(z, s):
+        return comp.weight_noise_ce(
+            z,
+            target,
+            s,
+            philox,
+            ctx.k,
+            ctx.temperature,
+            ctx.label_smoothing,
+            ctx.ignore_index,
+            index,
+        )[0]
+
+    need = ctx.needs_input_grad
+    grad_logits, grad_scale = comp.differentiable_backward(
+        forward, (logits, scale), (need[0], need[2]), grad_loss
+    )
+    return grad_logits, None, grad_scale, None, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -7,6 +7,7 @@ from typing import Tuple, Union
 import torch
 
 from . import _ce_layout as layout
+from . import _routes as routes
 from . import _target_checks as tc
 from . import _validation as v
 from ._autocast import loss_dtype
@@ -126,6 +127,14 @@ def worst_of_k_cross_entropy(
         TypeError, ValueError, RuntimeError for malformed arguments; IndexError for a target
         out of range (checked while ``fm.set_validation`` is on, and never inside a
         ``torch.compile`` graph: there, and with validation off, such a sample's loss is NaN).
+
+    Autograd: gradients flow into ``logits`` and probability targets (not ``weight``). First
+    order runs the fused backward op. Second and higher order (``create_graph=True``: gradient
+    penalties, Hessian-vector products, ``gradgradcheck``), forward mode
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap``
+    are exact, computed from the same math in PyTorch ops (which hold (B, k, C) temporaries).
+    With ``temperature == 0`` the max is piecewise: every derivative is the selected copy's
+    (ties to the lowest j). ``inplace_backward`` is first order only.
     """
     rows = layout.rows(logits, target, dim)
     x, target = rows.x, rows.target
@@ -148,7 +157,9 @@ def worst_of_k_cross_entropy(
     elif inplace_backward and _use_inplace_backward(logits, x, target, reduction):
         loss, index = _GradientIntoLogits.apply(x, reduction, *args)
     else:
-        per_sample, _lse, _weight, index, _dr = ops.worst_of_k_ce_fwd(x, args[0], None, *args[1:])
+        per_sample, _lse, _weight, index, _dr = routes.worst_of_k_ce_fwd(
+            x, args[0], None, *args[1:]
+        )
         loss = reduce_cross_entropy(per_sample, target, ignore_index, reduction, class_weight)
     if reduction == "none":
         loss = loss.reshape(rows.loss_shape)
@@ -191,6 +202,8 @@ def _use_inplace_backward(
         )
     if torch.compiler.is_compiling():
         return False  # traced graphs must not mutate their inputs: the out-of-place ops
+    if routes.transform_active():
+        return False  # forward-mode AD / functorch: the differentiable composite path
     if target.is_floating_point() and target.requires_grad:
         raise ValueError("inplace_backward: not available with a target that requires grad")
     if not (torch.is_grad_enabled() and logits.requires_grad):
@@ -239,6 +252,12 @@ class _GradientIntoLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_index):
+        if torch.is_grad_enabled():  # create_graph=True: a stored gradient has no graph
+            raise RuntimeError(
+                "inplace_backward: the gradient written into the logits is first order only; "
+                "for create_graph=True (gradient penalties, double backward) call "
+                "worst_of_k_cross_entropy without inplace_backward"
+            )
         gradient = ctx.gradient
         if gradient is None:
             raise RuntimeError(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _routes as routes
 from . import _validation as v
-from ._ops import ops
 
 
 def multiclass_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,16 @@ def multiclass_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     Raises:
         TypeError / ValueError / RuntimeError for malformed arguments (C < 2 is a ValueError),
         IndexError for an out-of-range target while validation is on.
+
+    Autograd: first order runs the fused backward op, whose own backward is registered, so
+    second and higher order (``create_graph=True``) are exact (the margin is piecewise linear:
+    its second derivative in the logits is 0, so the gradient of a loss linear in the margins
+    has no graph, as for PyTorch's own gather or max). Forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap`` are exact, computed from
+    the same math in PyTorch ops (same runner-up rule).
     """
     x = v.check_rows_of_logits(logits, min_classes=2, why="the multiclass margin (C >= 2)")
     N, C = x.shape
     target = v.check_class_target(target, N, C, None, logits)
-    margin, _runner_up = ops.multiclass_margin_fwd(x, target)
+    margin, _runner_up = routes.multiclass_margin_fwd(x, target)
     return margin.to(logits.dtype)

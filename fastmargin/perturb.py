@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _routes as routes
 from . import _validation as v
-from ._ops import ops
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -36,6 +36,11 @@ def all_layer_perturb(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
     Returns:
         u' with u's dtype and shape (and u's memory layout when it is read in place).
+
+    Autograd: into ``u`` and ``delta``. First order runs the fused backward op; second and
+    higher order (``create_graph=True``), forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap`` are exact, computed from
+    the same math in PyTorch ops.
     """
     v.check_tensor(u, "u")
     v.check_tensor(delta, "delta")
@@ -50,5 +55,5 @@ def all_layer_perturb(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     v.check_same_device(delta, u, "delta")
     if delta.dtype != u.dtype and not (u.dtype in _LOW and delta.dtype == torch.float32):
         delta = delta.to(u.dtype)
-    out, _norm = ops.all_layer_perturb_fwd(u, delta)
+    out, _norm = routes.all_layer_perturb_fwd(u, delta)
     return out

@@ -23,6 +23,7 @@ from typing import Tuple, Union
 import torch
 from torch import nn
 
+from . import _routes as routes
 from . import _validation as v
 from ._autocast import loss_dtype
 from ._heads_check import check_head_features, warn_outside_ddp_forward
@@ -113,7 +114,7 @@ def _scale_tensor(scale: object, logits: torch.Tensor) -> torch.Tensor:
             raise ValueError(
                 f"scale: expected a float, a 0-d tensor or shape ({N},), got {tuple(scale.shape)}"
             )
-        if v.validation_enabled() and N > 0:
+        if v.validation_enabled() and N > 0 and routes.values_checkable(scale):
             ok = torch.isfinite(scale) & (scale >= 0)
             if not bool(ok.all()):
                 bad = float(scale.detach()[~ok][0])
@@ -176,7 +177,9 @@ def weight_noise_worst_of_k_cross_entropy(
             must have stride 1 (otherwise it is copied once).
         target: (N,) integer class indices in [0, C), or ``ignore_index``.
         scale: s ≥ 0, a float or an (N,) (or 0-d) tensor, differentiable; typically
-            ``σ * h.norm(dim=1)`` (``fm.weight_perturbation_radius(h, σ, p=2.0)``).
+            ``σ * h.norm(dim=1)`` (``fm.weight_perturbation_radius(h, σ, p=2.0)``). Its values
+            are checked while ``fm.set_validation`` is on, except inside ``torch.func``
+            transforms (``vmap`` cannot read values on the host).
         k: number of noisy copies, 1 ≤ k ≤ 2^20.
         temperature: 0 for the hard max, > 0 for the smooth max.
         label_smoothing: ε in [0, 1], PyTorch's meaning.
@@ -195,6 +198,14 @@ def weight_noise_worst_of_k_cross_entropy(
         TypeError, ValueError, RuntimeError for malformed arguments (negative scale, k < 1,
         wrong shapes, dtypes or devices); IndexError for a target out of range (checked while
         ``fm.set_validation`` is on).
+
+    Autograd: into ``logits`` and ``scale`` (for the drawn noise). First order runs the fused
+    backward op; second and higher order (``create_graph=True``), forward mode
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func.grad`` are exact,
+    computed from the same math in PyTorch ops on the regenerated noise (an (N, k, C)
+    temporary). ``torch.func.vmap`` needs ``randomness="same"`` or ``"different"`` (the
+    Philox state is drawn inside the call); with ``temperature == 0`` every derivative is the
+    selected copy's (ties to the lowest j).
     """
     x = v.check_rows_of_logits(logits)
     N, C = x.shape
@@ -206,7 +217,7 @@ def weight_noise_worst_of_k_cross_entropy(
     s = _scale_tensor(scale, logits)
     philox = draw_philox_state(logits.device, generator)
 
-    per_sample, _lse, _weight, index = ops.weight_noise_ce_fwd(
+    per_sample, _lse, _weight, index = routes.weight_noise_ce_fwd(
         x, target, s, philox, k, temperature, label_smoothing, ignore_index
     )
     loss = reduce_loss(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))

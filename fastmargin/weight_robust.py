@@ -16,10 +16,11 @@ from typing import Tuple, Union
 import torch
 from torch import nn
 
+from . import _routes as routes
 from . import _validation as v
 from ._autocast import loss_dtype
 from ._heads_check import check_head_features, warn_outside_ddp_forward
-from ._ops import ops, stats_dtype
+from ._ops import stats_dtype
 from .modules import LossModule
 from .reference import reduce_loss
 
@@ -41,7 +42,7 @@ def _radius_tensor(radius: Radius, batch: int, logits: torch.Tensor) -> torch.Te
             f"radius: expected a float, a 0-d tensor or shape ({batch},), "
             f"got shape {tuple(radius.shape)}"
         )
-    if v.validation_enabled() and radius.numel() > 0:
+    if v.validation_enabled() and radius.numel() > 0 and routes.values_checkable(radius):
         bad = ~(torch.isfinite(radius) & (radius >= 0))
         if bool(bad.any()):
             raise ValueError(
@@ -78,7 +79,8 @@ def weight_robust_cross_entropy(
             contributes 0, and ``'mean'`` divides by the number of samples not ignored).
         radius: a float >= 0 for every sample, or a 0-d / (N,) floating tensor >= 0
             (differentiable; converted to float32, float64 for float64 logits). Its values are
-            checked (one host sync) while ``fm.set_validation`` is on.
+            checked (one host sync) while ``fm.set_validation`` is on, except inside
+            ``torch.func`` transforms (``vmap`` cannot read values on the host).
         label_smoothing: in [0, 1], PyTorch's meaning (applied to the robust row).
         ignore_index: target value that marks a sample to skip.
         reduction: ``'mean'`` | ``'sum'`` | ``'none'``.
@@ -86,6 +88,11 @@ def weight_robust_cross_entropy(
     Returns:
         The loss in the logits' dtype (accumulated in float32; float32 for float16 / bfloat16
         logits inside ``torch.autocast``, as ``F.cross_entropy``).
+
+    Autograd: into ``logits`` and ``radius``. First order runs the fused backward op; second
+    and higher order (``create_graph=True``), forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) and ``torch.func.grad`` / ``vmap`` are exact, computed from
+    the same math in PyTorch ops.
     """
     x = v.check_rows_of_logits(logits)
     N, C = x.shape
@@ -93,7 +100,7 @@ def weight_robust_cross_entropy(
     v.check_reduction(reduction)
     target = v.check_class_target(target, N, C, ignore_index, logits)
     r = _radius_tensor(radius, N, logits)
-    per_sample, _lse, _weight, _index, _dr = ops.worst_of_k_ce_fwd(
+    per_sample, _lse, _weight, _index, _dr = routes.worst_of_k_ce_fwd(
         x.unsqueeze(1), target, r, 0.0, label_smoothing, ignore_index
     )
     return reduce_loss(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))
