@@ -9,18 +9,9 @@ the same outputs instead (statistics the public functions do not use come back a
 
 from __future__ import annotations
 
-import torch
-
 from . import _composite as comp
 from ._composite import transform_active  # noqa: F401  (for the public functions)
 from ._ops import ops
-
-
-def values_checkable(t: torch.Tensor) -> bool:
-    """Whether the values of ``t`` can be read on the host now: not inside a functorch
-    transform that wraps it (under ``vmap`` a host read is an error). Such values go unchecked,
-    as with validation off."""
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def worst_of_k_ce_fwd(

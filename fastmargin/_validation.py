@@ -31,9 +31,11 @@ def validation_enabled() -> bool:
 
 
 def has_values(x: torch.Tensor) -> bool:
-    """False for meta tensors (shape propagation only): their values cannot be checked, and
-    reading one (``.item()``) would raise a message that names no argument."""
-    return x.device.type != "meta"
+    """Whether the values of ``x`` can be read on the host now. False for meta tensors (shape
+    propagation only) and for tensors wrapped by a functorch transform (``vmap``, ``grad``),
+    where a host read is an error that names no argument; such values go unchecked, as with
+    validation off."""
+    return x.device.type != "meta" and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def check_tensor(x: object, name: str) -> torch.Tensor:

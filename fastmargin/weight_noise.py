@@ -114,7 +114,7 @@ def _scale_tensor(scale: object, logits: torch.Tensor) -> torch.Tensor:
             raise ValueError(
                 f"scale: expected a float, a 0-d tensor or shape ({N},), got {tuple(scale.shape)}"
             )
-        if v.validation_enabled() and N > 0 and routes.values_checkable(scale):
+        if v.validation_enabled() and N > 0 and v.has_values(scale):
             ok = torch.isfinite(scale) & (scale >= 0)
             if not bool(ok.all()):
                 bad = float(scale.detach()[~ok][0])

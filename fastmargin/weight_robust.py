@@ -42,7 +42,7 @@ def _radius_tensor(radius: Radius, batch: int, logits: torch.Tensor) -> torch.Te
             f"radius: expected a float, a 0-d tensor or shape ({batch},), "
             f"got shape {tuple(radius.shape)}"
         )
-    if v.validation_enabled() and radius.numel() > 0 and routes.values_checkable(radius):
+    if v.validation_enabled() and radius.numel() > 0 and v.has_values(radius):
         bad = ~(torch.isfinite(radius) & (radius >= 0))
         if bool(bad.any()):
             raise ValueError(

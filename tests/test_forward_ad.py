@@ -217,3 +217,14 @@ def test_vmap_over_radius_and_scale_with_validation_on():
         lambda s: fm.weight_noise_worst_of_k_cross_entropy(x, y, s, k=1), randomness="same"
     )(radii * 0)
     torch.testing.assert_close(got, torch.nn.functional.cross_entropy(x, y).expand(2))
+
+
+def test_vmap_over_class_index_targets_with_validation_on():
+    # Batched targets cannot be read on the host under vmap: the range check is skipped for
+    # them (as with validation off) instead of raising a data-dependent control-flow error.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 6, dtype=D, generator=g)
+    targets = torch.randint(0, 6, (3, 4), generator=g)
+    got = torch.func.vmap(lambda t: fm.worst_of_k_cross_entropy(x, t))(targets)
+    expected = torch.stack([torch.nn.functional.cross_entropy(x, t) for t in targets])
+    torch.testing.assert_close(got, expected)
