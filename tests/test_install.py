@@ -41,6 +41,7 @@ print("op ok")
 def _source_copy(destination: Path) -> Path:
     """The tracked sources only: no in-place build, record or caches travel with them."""
     skip = shutil.ignore_patterns("_C.*", "_build_info.py", "__pycache__", "*.egg-info")
+    destination.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, destination / name)
     for name in ("csrc", "fastmargin"):
