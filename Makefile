@@ -30,15 +30,19 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy ninja setuptools wheel
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy ninja "setuptools>=77"
 	$(PY) -m pip install -q pytest pytest-benchmark hypothesis expecttest scikit-learn tqdm \
 		matplotlib ruff clang-format
 	touch $@
 
+# The compiler's output goes to build/build.log and is printed only when the build fails.
 build: $(BUILD_STAMP)
 $(BUILD_STAMP): $(VENV_STAMP) setup.py $(CSRC)
-	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
-	@mkdir -p build && touch $@
+	@mkdir -p build
+	@echo "building fastmargin._C (MAX_JOBS=$(MAX_JOBS); log: build/build.log)"
+	@MAX_JOBS=$(MAX_JOBS) $(PY) setup.py build_ext --inplace > build/build.log 2>&1 \
+		|| { cat build/build.log; echo "fastmargin._C: build failed (log above)"; exit 1; }
+	@touch $@
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -8,15 +8,38 @@ from typing import List, Optional
 
 
 def _info(_args) -> int:
+    """What the kernels were compiled against, beside the torch running them."""
+    from pathlib import Path
+
     import torch
 
-    import fastmargin  # noqa: F401  (loads the kernels)
+    import fastmargin  # (loads the kernels; a load failure explains itself)
+
+    from ._loader import build_record, built_for, describe_torch, rebuild_command, running_torch
 
     has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastmargin::worst_of_k_ce_fwd", "CUDA"
     )
-    print(f"fastmargin {fastmargin.__version__}, torch {torch.__version__}")
-    print(f"CUDA kernels compiled: {has_cuda_kernels}; GPU visible: {torch.cuda.is_available()}")
+    running = running_torch()
+    record = build_record()
+    print(f"fastmargin {fastmargin.__version__} ({Path(fastmargin.__file__).parent})")
+    if record is None:
+        print("built against:  unknown (this build wrote no record)")
+    else:
+        kernels = "CPU + CUDA" if record.get("cuda_kernels") else "CPU only"
+        if record.get("cuda_kernels"):
+            kernels += f" (nvcc {record.get('nvcc')}, architectures {record.get('cuda_arch_list')})"
+        print(
+            f"built against:  {describe_torch(record.get('torch'), record.get('torch_cuda'))}, "
+            f"Python {record.get('python')}"
+        )
+        print(f"  kernels:      {kernels}")
+        print(f"  compiler:     {record.get('compiler')}")
+    here = describe_torch(running.version, running.cuda)
+    print(f"running:        {here}, Python {running.python}")
+    if record is not None and not built_for(record, running):
+        print(f"  MISMATCH:     compiled against another torch; rebuild: {rebuild_command()}")
+    print(f"CUDA kernels registered: {has_cuda_kernels}; GPU visible: {torch.cuda.is_available()}")
     return 0
 
 

@@ -15,15 +15,9 @@ from __future__ import annotations
 import torch
 
 from . import _composite as comp
+from ._loader import load_extension
 
-try:
-    from . import _C  # noqa: F401  (loading it registers the ops)
-except ImportError as exc:  # pragma: no cover - only without a build
-    raise ImportError(
-        "fastmargin._C is not built. Run `make build` (or `pip install -e .`) in the "
-        "fastmargin checkout first."
-    ) from exc
-
+load_extension()  # loading fastmargin._C registers the ops; a failure names its cause and fix
 ops = torch.ops.fastmargin
 
 
