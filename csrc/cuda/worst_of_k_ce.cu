@@ -554,7 +554,7 @@ void worst_of_k_ce_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmargin, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTMARGIN_OPS_NS, FASTMARGIN_CUDA_KEY, m) {
   m.impl("worst_of_k_ce_fwd", &worst_of_k_ce_fwd_cuda);
   m.impl("worst_of_k_ce_bwd", &worst_of_k_ce_bwd_cuda);
   m.impl("worst_of_k_ce_bwd_inplace", &worst_of_k_ce_bwd_inplace_cuda);
