@@ -546,6 +546,7 @@ void worst_of_k_ce_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
                                     const c10::optional<at::Tensor>& class_weight) {
   const bool weighted =
       check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  check_inplace_backward(logits, target);
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = logits;  // the same storage: the gradient replaces the logits
   backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,

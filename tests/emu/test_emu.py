@@ -291,3 +291,24 @@ def test_empty_batches():
         )
         assert out[1].shape == (0, 3)
         assert EMU.weight_noise_normal(torch.tensor([1, 2]), 0, 3, 7).shape == (0, 3, 7)
+
+
+def test_cuda_host_code_refuses_what_the_cpu_ops_refuse():
+    """The checks the CUDA entry points run before launching (shared headers): a soft target
+    with no classes, overlapping logits for the in-place backward, backward inputs on another
+    device (redispatched to the emulation's key, as tests/test_op_contract.py does on the CPU)."""
+    with pytest.raises(RuntimeError, match="probability targets need at least one class"):
+        EMU.worst_of_k_ce_fwd(torch.randn(3, 2, 0), torch.randn(3, 0), None, 0.0, 0.0, -100)
+    z = torch.randn(3, 7)
+    x = z.unsqueeze(1).expand(3, 4, 7)
+    t = torch.tensor([1, 2, 3])
+    _, lse, w, _, _ = CPU.worst_of_k_ce_fwd(x, t, None, 0.0, 0.0, -100)
+    before = z.clone()
+    with pytest.raises(RuntimeError, match="logits: the in-place backward needs logits whose"):
+        EMU.worst_of_k_ce_bwd_inplace(torch.ones(3), x, t, None, lse, w, 0.0, -100)
+    assert torch.equal(z, before)
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(RuntimeError, match="grad_loss: expected device cpu, got meta"):
+        EMU.worst_of_k_ce_bwd.default.redispatch(
+            keys, torch.ones(3, device="meta"), x, t, None, lse, w, 0.0, -100, None
+        )
