@@ -6,6 +6,9 @@
 #   make bench   build and print the benchmark table (fastmargin vs eager vs torch.compile)
 #   make lint    ruff (lint + format check) and clang-format on csrc/
 #   make build   only build fastmargin._C in place
+#   make test-emu  run the CUDA kernels on the CPU: the .cu files built for the host against an
+#                emulation of the CUDA model, under AddressSanitizer + UBSan alignment, compared
+#                with the CPU kernels (docs/cuda_emulation.md)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +27,7 @@ VENV_STAMP := $(VENV)/.fastmargin-deps
 BUILD_STAMP := build/.fastmargin-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test test-cuda bench demo lint format clean
+.PHONY: venv build test test-cuda test-emu bench demo lint format clean
 
 venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml
@@ -49,6 +52,18 @@ test: $(BUILD_STAMP)
 
 test-cuda: $(BUILD_STAMP)
 	$(PY) -m pytest -q -m cuda $(PYTEST_ARGS)
+
+# The sanitizer runtime must be loaded first (Python itself is not instrumented), and libstdc++
+# with it: ASan's exception interceptor needs it at start-up. Leak checking is off: the
+# interpreter keeps its allocations to the end on purpose.
+EMU_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so.6)" \
+	ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:alloc_dealloc_mismatch=0 \
+	UBSAN_OPTIONS=print_stacktrace=1
+
+test-emu: $(BUILD_STAMP)
+	MAX_JOBS=$(MAX_JOBS) $(PY) tests/emu/build_emu.py > build/emu-lib-path
+	$(EMU_ENV) FASTMARGIN_EMU_LIB="$$(tail -n 1 build/emu-lib-path)" \
+		$(PY) -m pytest -q tests/emu $(PYTEST_ARGS)
 
 demo: $(BUILD_STAMP)
 	$(PY) -m fastmargin demo $(DEMO_ARGS)

@@ -3,7 +3,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(fastmargin, m) {
+#include "fastmargin/op_namespace.h"
+
+TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
   // Worst-of-k cross-entropy over (B, k, C) logits (class dim contiguous), optionally on the
   // weight-robust rows z~ (radius (B,) >= 0). Returns (loss (B,), lse (B, k), weight (B, k),
   // index (B,) int64, dloss_dradius (B,) or (0,)).

@@ -3,7 +3,8 @@
 Shape, dtype and device checks are free (metadata only) and always run. Target *values* need a
 reduction and a host synchronisation, so they run only while validation is enabled
 (``fm.set_validation``, or ``FASTMARGIN_VALIDATE=0`` in the environment to start disabled) and
-never while ``torch.compile`` traces (a host sync would break the graph). Without the value
+never while ``torch.compile`` traces (a host sync would break the graph) or a CUDA graph is
+captured (a host sync is an error there). Without the value
 check the kernels stay memory-safe: an out-of-range target gives NaN for its row.
 """
 
@@ -26,8 +27,15 @@ def set_validation(enabled: bool) -> None:
 
 
 def validation_enabled() -> bool:
-    """Whether value checks run now (enabled and not inside a ``torch.compile`` trace)."""
-    return _VALIDATE and not torch.compiler.is_compiling()
+    """Whether value checks run now: enabled, not inside a ``torch.compile`` trace, and not
+    while a CUDA graph is being captured (the check reads the device, which capture forbids;
+    the kernels stay memory-safe without it)."""
+    return _VALIDATE and not torch.compiler.is_compiling() and not _capturing_cuda_graph()
+
+
+def _capturing_cuda_graph() -> bool:
+    # No CUDA context yet means no capture; the query itself would initialise CUDA.
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def has_values(x: torch.Tensor) -> bool:

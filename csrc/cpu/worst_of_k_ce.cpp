@@ -333,6 +333,7 @@ void worst_of_k_ce_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const c10::optional<at::Tensor>& class_weight) {
   const bool weighted =
       check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  check_inplace_backward(logits, target);
   (void)ignore_index;
   at::Tensor out = logits;  // the same storage: the gradient replaces the logits
   backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,

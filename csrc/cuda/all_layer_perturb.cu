@@ -341,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> all_layer_perturb_bwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmargin, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTMARGIN_OPS_NS, FASTMARGIN_CUDA_KEY, m) {
   m.impl("all_layer_perturb_fwd", &all_layer_perturb_fwd_cuda);
   m.impl("all_layer_perturb_bwd", &all_layer_perturb_bwd_cuda);
 }

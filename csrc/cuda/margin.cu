@@ -192,7 +192,7 @@ at::Tensor multiclass_margin_bwd_cuda(const at::Tensor& grad_margin, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmargin, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTMARGIN_OPS_NS, FASTMARGIN_CUDA_KEY, m) {
   m.impl("multiclass_margin_fwd", &multiclass_margin_fwd_cuda);
   m.impl("multiclass_margin_bwd", &multiclass_margin_bwd_cuda);
 }

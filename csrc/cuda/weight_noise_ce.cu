@@ -406,15 +406,16 @@ at::Tensor weight_noise_normal_cuda(const at::Tensor& philox, int64_t n, int64_t
   const at::Tensor ph = philox.contiguous();
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65536);
-  weight_noise_normal_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      ph.const_data_ptr<int64_t>(), out.mutable_data_ptr<float>(), k, c, groups, total);
+  FM_KERNEL_LAUNCH(weight_noise_normal_kernel, blocks, kThreads, c10::cuda::getCurrentCUDAStream(),
+                   ph.const_data_ptr<int64_t>(), out.mutable_data_ptr<float>(), k, c, groups,
+                   total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmargin, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTMARGIN_OPS_NS, FASTMARGIN_CUDA_KEY, m) {
   m.impl("weight_noise_ce_fwd", &weight_noise_ce_fwd_cuda);
   m.impl("weight_noise_ce_bwd", &weight_noise_ce_bwd_cuda);
   m.impl("weight_noise_normal", &weight_noise_normal_cuda);

@@ -546,6 +546,7 @@ void worst_of_k_ce_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
                                     const c10::optional<at::Tensor>& class_weight) {
   const bool weighted =
       check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  check_inplace_backward(logits, target);
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = logits;  // the same storage: the gradient replaces the logits
   backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,
@@ -554,7 +555,7 @@ void worst_of_k_ce_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmargin, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTMARGIN_OPS_NS, FASTMARGIN_CUDA_KEY, m) {
   m.impl("worst_of_k_ce_fwd", &worst_of_k_ce_fwd_cuda);
   m.impl("worst_of_k_ce_bwd", &worst_of_k_ce_bwd_cuda);
   m.impl("worst_of_k_ce_bwd_inplace", &worst_of_k_ce_bwd_inplace_cuda);

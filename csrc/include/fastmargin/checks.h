@@ -6,7 +6,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace fastmargin {
 
@@ -36,6 +39,43 @@ inline void check_stats_vector(const at::Tensor& t, const char* name, int64_t le
               stats_dtype(logits), ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == logits.device(), name, ": expected device ", logits.device(), ", got ",
               t.device());
+}
+
+// A tensor `name` on the logits' device: the kernels dereference every input on that device.
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& logits) {
+  TORCH_CHECK(t.device() == logits.device(), name, ": expected device ", logits.device(), ", got ",
+              t.device());
+}
+
+// True when no two elements of t share memory. Sufficient test: sorted by stride, every dim's
+// stride steps over the whole extent of the dims below it (stride-0 dims of size > 1 fail).
+// Layouts that interleave without overlapping also fail it: callers then refuse, clearly.
+inline bool provably_non_overlapping(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 0;  // last element offset reachable by the dims so far
+  for (const auto& [stride, size] : dims) {
+    if (stride <= extent) return false;
+    extent += stride * (size - 1);
+  }
+  return true;
+}
+
+// True when a and b share storage and the byte ranges they span intersect (conservative: two
+// interleaved views that never touch the same element also count).
+inline bool memory_ranges_intersect(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
+  auto span = [](const at::Tensor& t) {
+    const auto* lo = static_cast<const char*>(t.const_data_ptr());
+    int64_t last = 0;  // offset of the last element, in elements
+    for (int64_t d = 0; d < t.dim(); ++d) last += t.stride(d) * (t.size(d) - 1);
+    return std::make_pair(lo, lo + (last + 1) * static_cast<int64_t>(t.element_size()));
+  };
+  const auto ra = span(a), rb = span(b);
+  return ra.first < rb.second && rb.first < ra.second;
 }
 
 }  // namespace fastmargin

@@ -16,6 +16,14 @@
 #include <utility>
 
 #include "fastmargin/ce_math.h"
+#include "fastmargin/op_namespace.h"
+
+// Every kernel launch goes through this macro: the real launch under nvcc, the host emulation's
+// checked launch in the emulated build (csrc/emu/cuda_emu.h defines it first).
+#ifndef FM_KERNEL_LAUNCH
+#define FM_KERNEL_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
 
 namespace fastmargin {
 
@@ -58,6 +66,17 @@ inline int64_t row_grid(int64_t items, int group_threads) {
   return (items + groups_per_block - 1) / groups_per_block;
 }
 
+// grid.x is 32 bits and at most 2^31 - 1 blocks: the block count is checked, never narrowed.
+constexpr int64_t kMaxGridBlocks = 2147483647;
+
+inline unsigned int checked_row_grid(int64_t items, int group_threads) {
+  const int64_t blocks = row_grid(items, group_threads);
+  TORCH_CHECK(blocks <= kMaxGridBlocks, "too many rows for one launch: ", items,
+              " work items need ", blocks, " blocks of ", row_block_threads(group_threads),
+              " threads, more than the 2^31 - 1 a grid can hold");
+  return static_cast<unsigned int>(blocks);
+}
+
 // Index of this thread's group (its work item) and its rank within the group. A group never
 // straddles a block, so `item >= items` is uniform per group (block-sized groups: one per block).
 template <int GROUP>
@@ -74,8 +93,9 @@ __device__ __forceinline__ int group_rank() {
 // Launches `kernel` with one group of GROUP threads per item on the current stream.
 template <int GROUP, typename... KernelArgs, typename... Args>
 void launch_groups(void (*kernel)(KernelArgs...), int64_t items, Args&&... args) {
-  kernel<<<row_grid(items, GROUP), row_block_threads(GROUP), 0,
-           c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  const unsigned int grid = checked_row_grid(items, GROUP);
+  FM_KERNEL_LAUNCH(kernel, grid, row_block_threads(GROUP), c10::cuda::getCurrentCUDAStream(),
+                   std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -61,6 +61,9 @@ inline void check_weight_noise_backward(const at::Tensor& grad_loss, const at::T
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == N && weight.size(1) == k &&
                   weight.scalar_type() == f && weight.is_contiguous(),
               "weight: expected contiguous (", N, ", ", k, ") of dtype ", f);
+  check_same_device(grad_loss, "grad_loss", logits);
+  check_same_device(lse, "lse", logits);
+  check_same_device(weight, "weight", logits);
 }
 
 inline void check_noise_shape(int64_t n, int64_t k, int64_t c) {

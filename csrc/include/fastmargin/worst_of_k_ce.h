@@ -60,6 +60,8 @@ inline void check_soft_target(const at::Tensor& logits, const at::Tensor& target
       target.dim() == 3 && target.size(0) == B && target.size(1) == k && target.size(2) == C;
   TORCH_CHECK(shared || per_copy, "target: expected probabilities of shape (", B, ", ", C, ") or (",
               B, ", ", k, ", ", C, "), got ", target.sizes());
+  // An empty class dim has no distribution to match (and an empty target has no data to read).
+  TORCH_CHECK(C > 0, "logits: probability targets need at least one class, got C = 0");
   const auto dt = target.scalar_type(), lt = logits.scalar_type();
   const bool low = lt == at::kHalf || lt == at::kBFloat16;
   TORCH_CHECK(dt == lt || (low && dt == at::kFloat),
@@ -152,7 +154,27 @@ inline bool check_worst_of_k_backward(const at::Tensor& grad_loss, const at::Ten
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == B && weight.size(1) == k &&
                   weight.scalar_type() == f && weight.is_contiguous(),
               "weight: expected contiguous (", B, ", ", k, ") of dtype ", f);
+  check_same_device(grad_loss, "grad_loss", logits);
+  check_same_device(lse, "lse", logits);
+  check_same_device(weight, "weight", logits);
   return weighted;
+}
+
+// The in-place backward writes every logit once, as its own gradient: logits whose elements
+// share memory (expanded copies, overlapping views) would have one element written by several
+// rows (zeros from unselected copies among them), and a soft target in the logits' memory would
+// be overwritten before other rows read it.
+inline void check_inplace_backward(const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(provably_non_overlapping(logits),
+              "logits: the in-place backward needs logits whose elements do not share memory, got "
+              "sizes ",
+              logits.sizes(), " with strides ", logits.strides(),
+              " (an expanded or overlapping view); use the out-of-place backward");
+  if (is_soft_target(target)) {
+    TORCH_CHECK(!memory_ranges_intersect(logits, target),
+                "target: the probability target shares memory with the logits, which the in-place "
+                "backward overwrites; pass a separate target or use the out-of-place backward");
+  }
 }
 
 }  // namespace fastmargin

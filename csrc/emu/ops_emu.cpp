@@ -1,0 +1,3 @@
+// The op schemas (csrc/ops.cpp) defined again in the emulation's namespace, fastmargin_emu.
+#include "cuda_emu.h"
+#include "../ops.cpp"
