@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastmargin {demo,bench,info}``."""
+"""Command line: ``python -m fastmargin {demo,bench,info,check}``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench.add_argument("--json", default=None, help="write the results as JSON here")
     p_bench.add_argument("--plot", default=None, help="draw a bar chart (PNG) here")
     p_bench.set_defaults(func=_bench)
+
+    from .check import add_check_arguments, main_check
+
+    p_check = sub.add_parser(
+        "check", help="self-check: every op against the reference on this device"
+    )
+    add_check_arguments(p_check)
+    p_check.set_defaults(func=main_check)
 
     args = parser.parse_args(argv)
     return args.func(args)
