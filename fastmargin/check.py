@@ -10,10 +10,10 @@ statistics. On CUDA it also checks the ops inside a captured CUDA graph, on a no
 stream, bit-identical repeats and (``--big``) tensors of more than 2^31 elements (64-bit
 offsets).
 
-``--quick`` keeps every kernel (every op, forward and backward, every launch path) but fewer
-dtypes and smaller shapes: it is the workload compute-sanitizer runs over. Exit status: 0 when
-every row passes, 1 when one fails, 2 when the build cannot run on the device at all (no CUDA
-kernels, or none compiled for this GPU's architecture).
+``--quick`` keeps every kernel (every op, forward and backward, every dtype, every launch
+path) but fewer cases and smaller shapes: it is the workload compute-sanitizer runs over.
+Exit status: 0 when every row passes, 1 when one fails, 2 when the build cannot run on the
+device at all (no CUDA kernels, or none compiled for this GPU's architecture).
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def check_worst_of_k(report: Report, inp: Inputs, dtypes, quick: bool) -> None:
         report.add(op, "return_index (worst copy)", float(wrong), wrong == 0, "indices differ")
 
     report.run(op, "return_index (worst copy)", worst_index)
-    _check_masked_and_nan(report, inp, B, k)
+    _check_masked_and_nan(report, inp, dtypes, B, k)
     _check_inplace(report, inp, dtypes, B, k)
 
 
@@ -300,7 +300,7 @@ def _w(extra) -> dict:
     return {"weight": extra[0]} if extra else {}
 
 
-def _check_masked_and_nan(report: Report, inp: Inputs, B: int, k: int) -> None:
+def _check_masked_and_nan(report: Report, inp: Inputs, dtypes, B: int, k: int) -> None:
     op = "worst_of_k_cross_entropy"
     C = 301
 
@@ -336,7 +336,7 @@ def _check_masked_and_nan(report: Report, inp: Inputs, B: int, k: int) -> None:
         report.add(op, report_case, err, ok, note)
 
     def misaligned() -> None:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             x = inp.misaligned(B * k, 37, dtype).unflatten(0, (B, k)).requires_grad_(True)
             y = inp.targets(B, 37)
             ours = lambda z, t: fm.worst_of_k_cross_entropy(z, t, dim=1, reduction="none")  # noqa: E731
@@ -396,18 +396,21 @@ def check_margin(report: Report, inp: Inputs, dtypes, quick: bool) -> None:
 
             report.run(op, case, one)
 
-    def special() -> None:
-        x = inp.misaligned(N, 37, torch.float32)
-        x[0, :] = float("-inf")
-        x[0, 3] = 1.0  # every other class masked: margin +inf
-        x[2, 5] = float("nan")
-        y = inp.targets(N, 37)
-        y[0] = 3
-        got = fm.multiclass_margin(x, y)
-        want = ref.multiclass_margin(x.double(), y)
-        report.compare(op, "misaligned view, -inf and NaN rows", got, want, torch.float32)
+    for dtype in dtypes:
+        case = f"misaligned view, -inf and NaN rows, {_dtype_name(dtype)}"
 
-    report.run(op, "misaligned view, -inf and NaN rows", special)
+        def special(case=case, dtype=dtype) -> None:
+            x = inp.misaligned(N, 37, dtype)
+            x[0, :] = float("-inf")
+            x[0, 3] = 1.0  # every other class masked: margin +inf
+            x[2, 5] = float("nan")
+            y = inp.targets(N, 37)
+            y[0] = 3
+            got = fm.multiclass_margin(x, y)
+            want = ref.multiclass_margin(x.double(), y)
+            report.compare(op, case, got, want, dtype)
+
+        report.run(op, case, special)
 
 
 def check_weight_robust(report: Report, inp: Inputs, dtypes, quick: bool) -> None:
@@ -758,10 +761,9 @@ def run_checks(device: str, *, quick: bool, big: bool) -> Report:
     report = Report()
     inp = Inputs(device)
     cuda = device == "cuda"
-    if quick:
-        dtypes = [torch.float32, torch.bfloat16]
-    else:
-        dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    # every dtype in both modes: each is its own kernel instantiation (--quick is what
+    # compute-sanitizer runs, so it must launch them all); --quick has fewer, smaller cases
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
     check_worst_of_k(report, inp, dtypes, quick)
     check_margin(report, inp, dtypes, quick)
     check_weight_robust(report, inp, dtypes, quick)
@@ -816,7 +818,7 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="every kernel once on small shapes, two dtypes (compute-sanitizer's run)",
+        help="every kernel once, fewer and smaller cases (compute-sanitizer's run)",
     )
     p.add_argument(
         "--big",
