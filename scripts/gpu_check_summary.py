@@ -176,6 +176,7 @@ def main(argv: List[str]) -> int:
             f"{meta.get('copy_gbps', 0):.0f} GB/s, cases done: {meta.get('cases_done', '?')}"
         )
         md += [""] + bench_table(bench)
+        md += ["", "Every provider, GB/s and peak memory: logs/bench.log (and bench.json)."]
     else:
         md.append("not run")
     md += ["", "## Training steps"] + (train or ["not run"])
