@@ -122,6 +122,9 @@ DEV=cpu
   (( GPU )) && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "nvcc: $(nvcc --version 2>/dev/null | tail -1)"
   echo "cores: $(nproc)"
+  "$PYTHON" -c 'import importlib.util as u
+names = ["setuptools", "ninja", "numpy", "pytest_timeout", "hypothesis", "triton", "liger_kernel"]
+print("modules:", " ".join(n + ("=yes" if u.find_spec(n) else "=no") for n in names))'
 } > "$OUT_DIR/env.txt" 2>&1
 echo "[gpu-check] $(tr '\n' ' ' < "$OUT_DIR/env.txt")"
 
@@ -150,7 +153,9 @@ fi
 
 # --- CUDA tests ---------------------------------------------------------------------------------
 if (( GPU )); then
-  run_stage pytest 150 "$PYTHON" -m pytest -q -m cuda --timeout=90 -rfE \
+  per_test=()  # a hung test must not take the stage's whole limit (needs pytest-timeout)
+  "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout=90)
+  run_stage pytest 150 "$PYTHON" -m pytest -q -m cuda ${per_test[@]+"${per_test[@]}"} -rfE \
     --junitxml="$OUT_DIR/pytest-cuda.xml" tests
 else
   record pytest skipped "" 0 "skipped: no GPU"
