@@ -155,7 +155,8 @@ fi
 if (( GPU )); then
   per_test=()  # a hung test must not take the stage's whole limit (needs pytest-timeout)
   "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout=90)
-  run_stage pytest 150 "$PYTHON" -m pytest -q -m cuda ${per_test[@]+"${per_test[@]}"} -rfE \
+  # -v: one line per test as it ends, so a stage stopped by its limit still says which ran
+  run_stage pytest 200 "$PYTHON" -m pytest -v -m cuda ${per_test[@]+"${per_test[@]}"} -rfE \
     --junitxml="$OUT_DIR/pytest-cuda.xml" tests
 else
   record pytest skipped "" 0 "skipped: no GPU"

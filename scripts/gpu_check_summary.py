@@ -50,7 +50,7 @@ def check_summary(out: Path) -> Dict[str, object]:
 def pytest_summary(out: Path) -> Dict[str, object]:
     path = out / "pytest-cuda.xml"
     if not path.exists():
-        return {"ran": False}
+        return pytest_log_summary(out / "logs" / "pytest.log")
     root = ET.parse(path).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -59,6 +59,29 @@ def pytest_summary(out: Path) -> Dict[str, object]:
         if case.find("failure") is not None or case.find("error") is not None:
             failed.append(f"{case.get('classname')}::{case.get('name')}")
     return {"ran": True, **counts, "failed": failed}
+
+
+def pytest_log_summary(log: Path) -> Dict[str, object]:
+    """Counts from ``pytest -v`` lines when no JUnit XML was written (the run was stopped)."""
+    if not log.exists():
+        return {"ran": False}
+    results = re.findall(
+        r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)",
+        log.read_text(errors="replace"),
+        flags=re.M,
+    )
+    if not results:
+        return {"ran": False}
+    status = [s for _, s in results]
+    return {
+        "ran": True,
+        "tests": len(results),
+        "failures": status.count("FAILED"),
+        "errors": status.count("ERROR"),
+        "skipped": status.count("SKIPPED"),
+        "failed": [name for name, s in results if s in ("FAILED", "ERROR")],
+        "note": "stopped before the end: counts of the tests that finished",
+    }
 
 
 def sanitizer_summary(out: Path, tool: str) -> Optional[str]:
@@ -164,6 +187,8 @@ def main(argv: List[str]) -> int:
             f"{pyt['skipped']} skipped"
         )
         md += [f"- FAIL {f}" for f in pyt["failed"]]
+        if pyt.get("note"):
+            md.append(f"({pyt['note']})")
     else:
         md.append("not run")
     md += ["", "## compute-sanitizer (fastmargin check --quick)"]
