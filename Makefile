@@ -9,6 +9,9 @@
 #   make test-emu  run the CUDA kernels on the CPU: the .cu files built for the host against an
 #                emulation of the CUDA model, under AddressSanitizer + UBSan alignment, compared
 #                with the CPU kernels (docs/cuda_emulation.md)
+#   make gpu-check  on a GPU machine: build (or reuse a carried build), self-check, CUDA tests,
+#                compute-sanitizer, benchmarks, within 8 minutes; uses $(PYTHON) as it is (no
+#                virtualenv, no downloads); results under $(OUT) (docs/gpu_check.md)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +21,7 @@ MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-# nvcc lives here on the project machines; setup.py also finds it on PATH or via CUDA_HOME.
+# nvcc's usual location; setup.py also finds it on PATH or via CUDA_HOME.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
@@ -27,7 +30,7 @@ VENV_STAMP := $(VENV)/.fastmargin-deps
 BUILD_STAMP := build/.fastmargin-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test test-cuda test-emu bench demo lint format clean
+.PHONY: venv build test test-cuda test-emu bench demo lint format clean gpu-check
 
 venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml
@@ -71,14 +74,17 @@ demo: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) -m fastmargin bench
 
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh $(OUT)
+
 lint: $(VENV_STAMP)
-	$(VENV)/bin/ruff check fastmargin tests bench examples setup.py
-	$(VENV)/bin/ruff format --check fastmargin tests bench examples setup.py
+	$(VENV)/bin/ruff check fastmargin tests bench examples scripts setup.py
+	$(VENV)/bin/ruff format --check fastmargin tests bench examples scripts setup.py
 	$(VENV)/bin/clang-format --dry-run -Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 format: $(VENV_STAMP)
-	$(VENV)/bin/ruff check --fix fastmargin tests bench examples setup.py
-	$(VENV)/bin/ruff format fastmargin tests bench examples setup.py
+	$(VENV)/bin/ruff check --fix fastmargin tests bench examples scripts setup.py
+	$(VENV)/bin/ruff format fastmargin tests bench examples scripts setup.py
 	$(VENV)/bin/clang-format -i $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 clean:

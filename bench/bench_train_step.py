@@ -17,7 +17,7 @@ Both add ``plain CE step`` (one clean batch with ``F.cross_entropy``) for scale.
 median step time and the peak extra memory over the step (CUDA events on a GPU); ``--small``
 shrinks everything for a quick smoke run on the CPU (ratios only).
 
-    python bench/bench_train_step.py --method maxup      # the issue's configuration (GPU)
+    python bench/bench_train_step.py --method maxup      # WRN-16-4, batch 512, k = 4 (GPU)
     python bench/bench_train_step.py --method amo --small
 """
 

@@ -28,7 +28,7 @@ TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
       "Tensor? radius, Tensor lse, Tensor weight, float label_smoothing, int ignore_index, "
       "Tensor? class_weight=None) -> ()");
 
-  // --- multiclass margin (issue 3) ---
+  // --- multiclass margin ---
   // Margins m = z_y - max_{c != y} z_c of (N, C) logits (C >= 2, class dim contiguous), in
   // float32 (float64 for float64 logits), and the int64 runner-up class (ties to the lowest
   // index). A target outside [0, C) gives a NaN margin and runner-up -1; no logit is read for it.
@@ -51,7 +51,7 @@ TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
       "all_layer_perturb_bwd(Tensor grad, Tensor u, Tensor delta, Tensor norm, bool need_grad_u, "
       "bool need_grad_delta) -> (Tensor, Tensor)");
 
-  // --- weight_noise_ce (issue 7): worst-of-k over k random last-layer weight perturbations ---
+  // --- weight_noise_ce: worst-of-k over k random last-layer weight perturbations ---
   // Copy j of row n is z_n + scale_n * xi_nj, xi_nj ~ N(0, I_C) drawn in-kernel by Philox
   // (csrc/include/fastmargin/philox.h) from philox = int64 [seed, offset] (2,) on the logits'
   // device. Forward returns (loss (N,), lse (N, k), weight (N, k) = dL/dl_nj, index (N,) int64).

@@ -2,7 +2,7 @@
 
 Drop-in losses for ``F.cross_entropy`` with worst-of-k augmentation (MaxUp), all-layer margin
 perturbations (AMO), weight-perturbation robust cross-entropy and margin statistics, computed by
-fused CUDA kernels (and the same function on the CPU). See DESIGN.md for the math.
+fused CUDA kernels (and the same function on the CPU). The math: docs/design.md.
 """
 
 from __future__ import annotations

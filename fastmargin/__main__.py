@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastmargin {demo,bench,info}``."""
+"""Command line: ``python -m fastmargin {demo,bench,info,check}``."""
 
 from __future__ import annotations
 
@@ -49,7 +49,10 @@ def _bench(args) -> int:
     from .benchmarks import cases, runner
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    selected = cases.default_cases(device, quick=args.quick)
+    if args.set == "gpu-check":
+        selected = cases.gpu_check_cases(device, quick=args.quick)
+    else:
+        selected = cases.default_cases(device, quick=args.quick)
     if args.ops:
         wanted = set(args.ops.split(","))
         selected = [c for c in selected if c.op in wanted]
@@ -81,10 +84,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p_bench.add_argument("--ops", default=None, help="comma-separated op names to run")
     p_bench.add_argument("--quick", action="store_true", help="a few small cases only")
+    p_bench.add_argument(
+        "--set",
+        choices=["default", "gpu-check"],
+        default="default",
+        help="gpu-check: the time-boxed bfloat16 set of make gpu-check",
+    )
     p_bench.add_argument("--reps", type=int, default=10, help="timed repetitions per provider")
     p_bench.add_argument("--json", default=None, help="write the results as JSON here")
     p_bench.add_argument("--plot", default=None, help="draw a bar chart (PNG) here")
     p_bench.set_defaults(func=_bench)
+
+    from .check import add_check_arguments, main_check
+
+    p_check = sub.add_parser(
+        "check", help="self-check: every op against the reference on this device"
+    )
+    add_check_arguments(p_check)
+    p_check.set_defaults(func=main_check)
 
     args = parser.parse_args(argv)
     return args.func(args)

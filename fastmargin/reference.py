@@ -1,6 +1,6 @@
 """Plain-PyTorch references: the executable spec of every fastmargin op.
 
-Each function here computes the math of DESIGN.md in the most readable way (materialising
+Each function here computes the math of docs/design.md in the most readable way (materialising
 whatever it needs). The fused kernels are tested against these values and gradients, and the
 benchmarks time them as the "eager" and "torch.compile" baselines.
 """

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _hypothesis_fallback import install_if_missing, uninstall
+
+install_if_missing()  # before the test modules import it
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_finish(session):
+    uninstall()
 
 
 def pytest_collection_modifyitems(config, items):

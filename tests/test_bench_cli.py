@@ -62,3 +62,14 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert providers == {"fastmargin", "eager", "compile"}
     assert all(r["error"] is None and r["median_ms"] > 0 for r in data["results"])
     assert out_png.stat().st_size > 1000
+
+
+def test_gpu_sets_hold_the_few_row_shapes_and_every_op():
+    """The few-row worst-of-k shapes (B = 256, k = 4, C = 1000; B = 64, k = 8, C = 32000) are
+    in the GPU matrix and first in the time-boxed gpu-check set, which covers every op."""
+    few = {"worst_of_k_ce[1024x1000,k=4,bfloat16]", "worst_of_k_ce[512x32000,k=8,bfloat16]"}
+    assert few <= {c.name for c in cases.default_cases("cuda")}
+    check_set = cases.gpu_check_cases("cuda")
+    assert {c.name for c in check_set[:2]} == few
+    assert {c.op for c in check_set} == set(cases.OPS)
+    assert len(cases.gpu_check_cases("cuda", quick=True)) == 3

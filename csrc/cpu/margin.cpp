@@ -47,7 +47,10 @@ void margin_forward_impl(const at::Tensor& logits, const at::Tensor& target, at:
 std::tuple<at::Tensor, at::Tensor> multiclass_margin_fwd_cpu(const at::Tensor& logits,
                                                              const at::Tensor& target) {
   check_margin_inputs(logits, target);
-  auto [margin, runner_up] = allocate_margin_outputs(logits);
+  // std::tie, not a structured binding: the lambda below captures both, which C++17
+  // (torch 2.11 builds) does not allow for structured bindings.
+  at::Tensor margin, runner_up;
+  std::tie(margin, runner_up) = allocate_margin_outputs(logits);
   const at::Tensor tgt = target.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "multiclass_margin_fwd_cpu",

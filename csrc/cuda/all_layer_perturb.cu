@@ -36,10 +36,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <tuple>
 
 #include "fastmargin/all_layer_perturb.h"
@@ -201,6 +204,19 @@ void launch_phase(const Params<scalar_t, delta_t, acc_t>& p) {
       p.B * p.chunks, p);
 }
 
+// The device's multiprocessor count, asked of the driver once per device: the split heuristic
+// runs on every call, and the attribute cannot change while the process lives.
+int multiprocessor_count(c10::DeviceIndex device) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not asked yet
+  std::atomic<int>& slot = cache[device];
+  int sms = slot.load(std::memory_order_relaxed);
+  if (sms == 0) {  // racing threads both ask and store the same value
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    slot.store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
 template <typename scalar_t, typename delta_t, typename acc_t, int VEC, bool BACKWARD>
 void launch_vec(Params<scalar_t, delta_t, acc_t> p) {
   if (p.N <= kWarpMaxElems) {
@@ -211,10 +227,8 @@ void launch_vec(Params<scalar_t, delta_t, acc_t> p) {
   }
   // Enough examples for ~2 blocks (of 512 threads) per SM: one fused launch. Otherwise split
   // each example into chunks (a tuning knob: measure before changing the factor).
-  int sms = 0;
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t target_blocks = 2 * static_cast<int64_t>(std::max(sms, 1));
+  const int64_t target_blocks =
+      2 * static_cast<int64_t>(std::max(multiprocessor_count(c10::cuda::current_device()), 1));
   const int64_t max_chunks = std::max<int64_t>(1, p.N / kMinChunk);
   const int64_t chunks =
       std::min(max_chunks, std::max<int64_t>(1, (target_blocks + p.B - 1) / p.B));

@@ -145,7 +145,10 @@ std::tuple<at::Tensor, at::Tensor> multiclass_margin_fwd_cuda(const at::Tensor& 
                                                               const at::Tensor& target) {
   check_margin_inputs(logits, target);
   c10::cuda::CUDAGuard guard(logits.device());
-  auto [margin, runner_up] = allocate_margin_outputs(logits);
+  // std::tie, not a structured binding: the lambda below captures both, which C++17
+  // (torch 2.11 builds) does not allow for structured bindings.
+  at::Tensor margin, runner_up;
+  std::tie(margin, runner_up) = allocate_margin_outputs(logits);
   if (logits.size(0) == 0) return {margin, runner_up};
   const at::Tensor tgt = target.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(

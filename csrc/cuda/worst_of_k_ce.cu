@@ -18,7 +18,7 @@
 // Byte model (s = bytes per logit, N = B*k rows of C):
 //   forward:  read N*C*s                     (+ O(N) statistics)
 //   backward: read B*C*s (tau = 0: only the selected rows) or N*C*s (tau > 0), write N*C*s
-//   forward+backward floor, tau = 0: (N + B + N)*C*s; the DESIGN.md "two-pass" model counts
+//   forward+backward floor, tau = 0: (N + B + N)*C*s; the "two-pass" model of docs/design.md counts
 //   2*N*C*s (one read of the logits, one write of the gradient) plus the backward's re-read.
 //
 // Weighted path (class weights and/or probability targets, t = bytes per target element,

@@ -298,6 +298,11 @@ def perturb_case(batch: int, per_example: int, dtype: torch.dtype) -> Case:
 
 
 GPU_SHAPES = [(65536, 10), (65536, 100), (65536, 1000), (32768, 32000), (16384, 128256)]
+# Few samples, (B, k, C): the worst-of-k forward gives one thread group per sample, so these
+# leave most SMs idle (B = 256 launches 32 blocks on an H100/H200's 132 SMs) or sweep k rows
+# per group in sequence (C = 32000, k = 8). Measured to decide whether a group per row plus a
+# per-sample reduction is worth its cost.
+FEW_ROW_SHAPES = [(256, 4, 1000), (64, 8, 32000)]
 CPU_SHAPES = [(4096, 10), (2048, 1000), (256, 32000)]
 OPS = (
     "worst_of_k_ce",
@@ -320,6 +325,8 @@ def default_cases(device: str, *, quick: bool = False) -> List[Case]:
     if quick:
         shapes, dtypes = shapes[:2], [torch.float32]
     cases: List[Case] = []
+    if gpu:
+        cases += [worst_of_k_case(B * k, C, k, d) for B, k, C in FEW_ROW_SHAPES for d in dtypes]
     for rows, classes in shapes:
         for dtype in dtypes:
             cases += [worst_of_k_case(rows, classes, k, dtype) for k in ks]
@@ -419,3 +426,21 @@ def linear_ce_cases(device: str, *, quick: bool = False) -> List[Case]:
             linear_ce_case(8192, 4096, 128256, 1, torch.bfloat16),
         ]
     return [linear_ce_case(2048, 256, 32000, 4, torch.float32)]
+
+
+def gpu_check_cases(device: str, *, quick: bool = False) -> List[Case]:
+    """The time-boxed set of ``make gpu-check`` (about two minutes on one GPU), in bfloat16 and
+    in order of value: the few-row worst-of-k shapes, worst-of-k at k = 4 on every shape of the
+    device's list, k = 1 (the F.cross_entropy case, where Liger is a peer), then every other op
+    once on the (32768, 32000) logits. ``quick`` keeps the first three (a dry run's smoke test)."""
+    gpu = device == "cuda"
+    bf16 = torch.bfloat16
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
+    wide = shapes[3] if gpu else shapes[-1]  # (32768, 32000) on a GPU, (256, 32000) on the CPU
+    cases = [worst_of_k_case(B * k, C, k, bf16) for B, k, C in FEW_ROW_SHAPES]
+    cases += [worst_of_k_case(rows, C, 4, bf16) for rows, C in shapes]
+    cases.append(worst_of_k_case(*wide, 1, bf16))
+    cases.append(soft_target_case(*wide, 4, bf16))
+    cases += [row_op_case(op, *wide, bf16) for op in _ROW_OPS]
+    cases.append(perturb_case(512, 65536, bf16) if gpu else perturb_case(64, 4096, bf16))
+    return cases[:3] if quick else cases

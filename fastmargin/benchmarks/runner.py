@@ -141,15 +141,16 @@ def plot(results: List[Result], path: str) -> None:
 
 def run(cases: List[Case], device: str, *, json_path=None, plot_path=None, reps=10) -> str:
     copy_gbps = copy_bandwidth_gbps(device)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    meta = {"device": device_name, "torch": torch.__version__, "copy_gbps": copy_gbps}
     results: List[Result] = []
     for case in cases:
         results.extend(run_case(case, device, copy_gbps, reps=reps))
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        if json_path:  # after every case: a run stopped by a time limit keeps what it measured
+            meta["cases_done"] = f"{len({r.case for r in results})} of {len(cases)}"
+            with open(json_path, "w") as f:
+                json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
     table = markdown_table(results, copy_gbps, device_name)
-    if json_path:
-        meta = {"device": device_name, "torch": torch.__version__, "copy_gbps": copy_gbps}
-        with open(json_path, "w") as f:
-            json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
     if plot_path:
         plot(results, plot_path)
     return table

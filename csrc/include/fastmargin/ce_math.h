@@ -1,6 +1,6 @@
 // Cross-entropy-family math shared by the CPU and CUDA kernels (host + device).
 //
-// Notation (DESIGN.md): z a row of logits, y its target, C classes, eps label smoothing,
+// Notation (docs/design.md): z a row of logits, y its target, C classes, eps label smoothing,
 // r the weight-robust radius (0 for plain CE). The robust row is
 //   z~_c = z_c + r (c != y),  z~_y = z_y - r,
 // and the per-row loss is CE(z~) = lse(z~) - (1 - eps) z~_y - (eps / C) sum_c z~_c.

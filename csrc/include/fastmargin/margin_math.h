@@ -1,6 +1,6 @@
 // Multiclass-margin math shared by the CPU and CUDA kernels (host + device).
 //
-// Notation (DESIGN.md): z a row of logits, y its target, C >= 2 classes. The margin is
+// Notation (docs/design.md): z a row of logits, y its target, C >= 2 classes. The margin is
 //   m = z_y - max_{c != y} z_c,
 // and the class attaining the max (the "runner-up" r) is saved so the backward is
 //   dm/dz_y = +1, dm/dz_r = -1, 0 elsewhere.
