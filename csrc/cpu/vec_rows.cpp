@@ -39,6 +39,10 @@ FM_CPU_CLONES float softmax_grad_acc_f32(const float* x, const float* xi, int64_
   return softmax_grad_acc_loop(x, xi, n, lse, w, a_off, acc);
 }
 
+FM_CPU_CLONES void exp_inplace_f32(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_lane(x[i]);
+}
+
 FM_CPU_CLONES void noise_blocks_f32(uint64_t seed, const uint64_t* w, const uint64_t* row,
                                     int64_t count, float* out) {
   noise_blocks_loop(seed, w, row, count, out);

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "fastmargin/ce_math.h"
 #include "fastmargin/cpu_noise.h"
@@ -43,7 +44,9 @@ void forward_impl(const at::Tensor& logits, const int64_t* tgt, const at::Tensor
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k * C));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    cpu::Scratch<acc_t> xs;
+    cpu::Scratch<acc_t> xs, es;
+    const bool small = C <= cpu::kSmallRow;
+    std::vector<RowStats<acc_t>> st(small ? static_cast<size_t>(k) : 0);
     // The noise of every copy of the samples that contribute (batched across rows and copies).
     cpu::NoiseRows noise(key, k, C);
     const auto wanted = [&](int64_t n, int64_t) {
@@ -60,6 +63,22 @@ void forward_impl(const at::Tensor& logits, const int64_t* tgt, const at::Tensor
       }
       const scalar_t* row = base + n * sn;
       const acc_t s = sc[n];
+      if (small) {  // the k copies' statistics together (one vectorised exp for all)
+        acc_t* x = xs.get(k * C);
+        for (int64_t j = 0; j < k; ++j) {
+          const float* xi = noise.get(n, j, end * k, wanted);
+          for (int64_t c = 0; c < C; ++c) x[j * C + c] = acc_t(row[c]) + s * acc_t(xi[c]);
+        }
+        cpu::small_rows_stats(x, k, C, want_sum, es.get(k * C), st.data());
+        cpu::reduce_copies(
+            k, tau,
+            [&](int64_t j, acc_t& lse_j) {
+              lse_j = st[j].lse();
+              return ce_from_stats(lse_j, x[j * C + y], st[j].sumz, eps, C);
+            },
+            lse + n * k, weight + n * k, loss + n, index + n);
+        continue;
+      }
       acc_t* x = xs.get(C);
       // Copy j is the row z + s xi_j.
       cpu::reduce_copies(
