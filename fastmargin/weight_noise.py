@@ -8,7 +8,8 @@ that device's generator with ``torch.randint`` (or from ``generator=``), like dr
 
 * every call draws a fresh state, so consecutive calls give different noise;
 * a generator seeded the same gives the same noise, on the CPU and on CUDA (the same state gives
-  the same Philox integers on both, and normals equal up to the rounding of logf/cosf/sinf);
+  the same Philox integers on both, and one float32 Box-Muller definition serves both, so the
+  normals differ at most by FMA contraction; each is within 4 ulp of the exact transform);
 * no host synchronisation: the kernels read the state from device memory when they run, so the
   call can be captured in a CUDA graph (``torch.randint`` on a CUDA generator is capture-safe:
   each replay draws a new state).

@@ -1,9 +1,10 @@
-"""The vectorised CPU row passes (csrc/include/fastmargin/cpu_rows.h) on long rows.
+"""The vectorised CPU row passes (csrc/include/fastmargin/cpu_rows.h) on long rows and short ones.
 
 The other CE tests mostly use rows shorter than one lane block (16 classes) for their numerics
 cases; these put masked classes, NaN, all -inf copies and 1e4 logits into rows that span many
 lane blocks, a ragged tail, and (half / bfloat16 backward) several 512-class chunks, for the plain
-and the weighted / probability-target kernels.
+and the weighted / probability-target kernels; short rows (C <= 32) are reduced a block of
+samples at a time, so those tests use many samples with ignored, masked and NaN ones inside.
 """
 
 from __future__ import annotations
@@ -114,3 +115,56 @@ def test_long_rows_weighted_and_soft_targets(dtype, C):
     )
     for tgt, ref_tgt, kw, ref_kw in cases:
         _compare_sum(logits, tgt, logits[..., keep], ref_tgt, kw, ref_kw, dtype, masked=masked)
+
+
+# Rows of at most 32 classes take the batched forward (cpu_rows.h: small_rows_stats, a block of
+# samples' rows reduced together); 33 classes take the per-row passes.
+SMALL_C = (1, 2, 3, 10, 17, 32, 33)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("C", SMALL_C)
+def test_small_rows_match_reference(dtype, C):
+    # 300 samples span several blocks; ignored samples sit inside blocks; both copy layouts.
+    logits, target = _case(300, 3, C, dtype, seed=C + 1)
+    target[::9] = -100
+    check_against_reference(logits, target, label_smoothing=0.1)
+    check_against_reference(logits.transpose(0, 1).contiguous(), target, dim=0, temperature=0.5)
+
+
+@pytest.mark.parametrize("C", (2, 3, 10, 17, 32))
+def test_small_rows_masks_nan_and_ignored_nan_sample(C):
+    logits, target = _case(200, 3, C, torch.float32, seed=3 * C)
+    logits[::4, :, C - 1] = float("-inf")  # a masked class in every fourth sample
+    target[::4] = 0
+    logits[5, 1, 0] = float("nan")  # NaN: sample 5 only
+    logits[6, 2] = float("-inf")  # a fully masked copy: NaN loss for sample 6
+    logits[7] = float("nan")  # an ignored sample is never read
+    target[7] = -100
+    x = logits.clone().requires_grad_(True)
+    per = fm.worst_of_k_cross_entropy(x, target, dim=1, reduction="none")
+    per.sum().backward()
+    assert torch.isnan(per[[5, 6]]).all()
+    assert per[7] == 0 and (x.grad[7] == 0).all()
+    ok = torch.ones(200, dtype=torch.bool)
+    ok[[5, 6, 7]] = False
+    assert torch.isfinite(per[ok]).all() and torch.isfinite(x.grad[ok]).all()
+    masked_rows = ok & (torch.arange(200) % 4 == 0)
+    assert (x.grad[masked_rows][..., C - 1] == 0).all()
+    check_against_reference(logits[ok], target[ok])
+
+
+@pytest.mark.parametrize("C", SMALL_C)
+def test_small_rows_weight_robust_matches_reference(C):
+    gen = torch.Generator().manual_seed(C)
+    logits = (3 * torch.randn(300, C, generator=gen)).requires_grad_(True)
+    target = torch.randint(0, C, (300,), generator=gen)
+    target[::11] = -100
+    radius = torch.rand(300, generator=gen).requires_grad_(True)
+    ours = fm.weight_robust_cross_entropy(logits, target, radius, label_smoothing=0.05)
+    theirs = ref.weight_robust_cross_entropy(logits, target, radius, label_smoothing=0.05)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    g_ours = torch.autograd.grad(ours, (logits, radius))
+    g_theirs = torch.autograd.grad(theirs, (logits, radius))
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -106,6 +106,38 @@ def test_matches_reference_values_and_gradients(device, N, C, k, tau, eps):
     torch.testing.assert_close(g_scale, e_scale, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("C", [1, 2, 3, 10, 17])
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_many_rows_with_skipped_masked_and_nan_rows(C, tau):
+    # The CPU kernels generate the noise of several rows at once (about 512 Philox blocks per
+    # batch, only for the rows and copies that are used): with 300 rows the batches end mid-row,
+    # and ignored / NaN rows and (tau = 0) unselected copies must not shift any row's noise.
+    N, k = 300, 4
+    logits, target, scale = make_inputs(N, C, torch.float32, "cpu", seed=C)
+    target[::7] = -100
+    if C > 1:
+        logits[1::5, C - 1] = float("-inf")
+        target[1::5] = 0
+    logits[3::11, 0] = float("nan")
+    target[3::11] = C - 1  # NaN rows take part (an ignored row is never read)
+    logits.requires_grad_(True)
+    scale.requires_grad_(True)
+    (loss, _), (exp_loss, _), acc, s = fused_and_reference(
+        logits, target, scale, k=k, temperature=tau, reduction="none"
+    )
+    nan_rows = torch.zeros(N, dtype=torch.bool)
+    nan_rows[3::11] = True
+    assert torch.isnan(loss[nan_rows]).all()
+    keep = ~nan_rows
+    torch.testing.assert_close(loss[keep], exp_loss[keep], **TOL[torch.float32])
+    assert (loss[target == -100] == 0).all()
+    (g_logits, g_scale) = torch.autograd.grad(loss[keep].sum(), (logits, scale))
+    (e_logits, e_scale) = torch.autograd.grad(exp_loss[keep].sum(), (acc, s))
+    # (A NaN row's gradient is NaN times its zero upstream gradient: compared elsewhere.)
+    torch.testing.assert_close(g_logits[keep], e_logits[keep], **TOL[torch.float32])
+    torch.testing.assert_close(g_scale[keep], e_scale[keep], rtol=1e-4, atol=1e-4)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     N=st.integers(1, 6),

@@ -1,9 +1,10 @@
-// The float row loops of cpu_rows.h, compiled for the x86-64 baseline and (gcc on x86-64) also for
-// x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512): target_clones emits all three and an ifunc
-// resolver picks the best one the CPU supports when the library loads. `flatten` inlines the
-// templates into each clone, so each clone vectorises them for its own target (otherwise both would
-// call one shared baseline instantiation). FMA contraction changes results only at the rounding
-// level; NaN / inf semantics are the same.
+// The float row loops of cpu_rows.h and the noise generator of cpu_noise.h, compiled for the x86-64
+// baseline and (gcc on x86-64) also for x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512):
+// target_clones emits all three and an ifunc resolver picks the best one the CPU supports when the
+// library loads. `flatten` inlines the templates into each clone, so each clone vectorises them for
+// its own target (otherwise both would call one shared baseline instantiation). FMA contraction
+// changes results only at the rounding level; NaN / inf semantics are the same.
+#include "fastmargin/cpu_noise.h"
 #include "fastmargin/cpu_rows.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -36,6 +37,15 @@ FM_CPU_CLONES void softmax_grad_f32(const float* z, int64_t n, float r, float ls
 FM_CPU_CLONES float softmax_grad_acc_f32(const float* x, const float* xi, int64_t n, float lse,
                                          float w, float a_off, float* acc) {
   return softmax_grad_acc_loop(x, xi, n, lse, w, a_off, acc);
+}
+
+FM_CPU_CLONES void exp_inplace_f32(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_lane(x[i]);
+}
+
+FM_CPU_CLONES void noise_blocks_f32(uint64_t seed, const uint64_t* w, const uint64_t* row,
+                                    int64_t count, float* out) {
+  noise_blocks_loop(seed, w, row, count, out);
 }
 
 }  // namespace cpu

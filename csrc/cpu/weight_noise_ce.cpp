@@ -10,8 +10,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "fastmargin/ce_math.h"
+#include "fastmargin/cpu_noise.h"
 #include "fastmargin/cpu_rows.h"
 #include "fastmargin/philox.h"
 #include "fastmargin/weight_noise_ce.h"
@@ -22,16 +24,6 @@ namespace {
 NoiseKey read_key(const at::Tensor& philox) {
   const int64_t* p = philox.const_data_ptr<int64_t>();
   return {static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1])};
-}
-
-// The noise xi_j of one row (n, j) in xi[0, C) (4 classes, one Philox block, at a time); xi must
-// hold C rounded up to a multiple of 4.
-inline void noise_row(const NoiseKey& key, int64_t n, int64_t j, int64_t C, float* xi) {
-  for (int64_t c0 = 0; c0 < C; c0 += 4) {
-    float blk[4];
-    key.block(n, j, c0 >> 2, blk);
-    std::copy(blk, blk + 4, xi + c0);
-  }
 }
 
 template <typename scalar_t>
@@ -52,8 +44,14 @@ void forward_impl(const at::Tensor& logits, const int64_t* tgt, const at::Tensor
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k * C));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    cpu::Scratch<acc_t> xs;
-    cpu::Scratch<float> noise;
+    cpu::Scratch<acc_t> xs, es;
+    const bool small = C <= cpu::kSmallRow;
+    std::vector<RowStats<acc_t>> st(small ? static_cast<size_t>(k) : 0);
+    // The noise of every copy of the samples that contribute (batched across rows and copies).
+    cpu::NoiseRows noise(key, k, C);
+    const auto wanted = [&](int64_t n, int64_t) {
+      return classify_target(tgt[n], ignore_index, C) == TargetKind::kClass;
+    };
     for (int64_t n = begin; n < end; ++n) {
       const int64_t y = tgt[n];
       const TargetKind kind = classify_target(y, ignore_index, C);
@@ -65,13 +63,28 @@ void forward_impl(const at::Tensor& logits, const int64_t* tgt, const at::Tensor
       }
       const scalar_t* row = base + n * sn;
       const acc_t s = sc[n];
-      float* xi = noise.get((C + 3) / 4 * 4);
+      if (small) {  // the k copies' statistics together (one vectorised exp for all)
+        acc_t* x = xs.get(k * C);
+        for (int64_t j = 0; j < k; ++j) {
+          const float* xi = noise.get(n, j, end * k, wanted);
+          for (int64_t c = 0; c < C; ++c) x[j * C + c] = acc_t(row[c]) + s * acc_t(xi[c]);
+        }
+        cpu::small_rows_stats(x, k, C, want_sum, es.get(k * C), st.data());
+        cpu::reduce_copies(
+            k, tau,
+            [&](int64_t j, acc_t& lse_j) {
+              lse_j = st[j].lse();
+              return ce_from_stats(lse_j, x[j * C + y], st[j].sumz, eps, C);
+            },
+            lse + n * k, weight + n * k, loss + n, index + n);
+        continue;
+      }
       acc_t* x = xs.get(C);
       // Copy j is the row z + s xi_j.
       cpu::reduce_copies(
           k, tau,
           [&](int64_t j, acc_t& lse_j) {
-            noise_row(key, n, j, C, xi);
+            const float* xi = noise.get(n, j, end * k, wanted);
             for (int64_t c = 0; c < C; ++c) x[c] = acc_t(row[c]) + s * acc_t(xi[c]);
             const RowStats<acc_t> st = cpu::row_stats(x, C, want_sum);
             lse_j = st.lse();
@@ -119,7 +132,9 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const 
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     cpu::Scratch<acc_t> accs, xs;
-    cpu::Scratch<float> noise;
+    // The noise of the copies with non-zero weight only (tau = 0: the worst one).
+    cpu::NoiseRows noise(key, k, C);
+    const auto wanted = [&](int64_t n, int64_t j) { return w_p[n * k + j] != acc_t(0); };
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* out = gbase + n * gn;
       const scalar_t* row = base + n * sn;
@@ -127,7 +142,6 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const 
       const acc_t* lse_n = lse_p + n * k;
       const int64_t y = tgt[n];  // may be invalid (weights NaN): then no class is the target
       const acc_t s = sc[n], g = gl[n];
-      float* xi = noise.get((C + 3) / 4 * 4);
       acc_t* x = xs.get(C);
       acc_t* acc = accs.get(C);
       std::fill(acc, acc + C, acc_t(0));
@@ -138,7 +152,7 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const 
       // rounding to the logits dtype; ds = sum_j sum_c dL/dz~_jc xi_jc.
       for (int64_t j = 0; j < k; ++j) {
         if (w_n[j] == acc_t(0)) continue;  // unselected copy or ignored sample
-        noise_row(key, n, j, C, xi);
+        const float* xi = noise.get(n, j, end * k, wanted);
         for (int64_t c = 0; c < C; ++c) x[c] = acc_t(row[c]) + s * acc_t(xi[c]);
         const acc_t wg = w_n[j] * g, row_lse = lse_n[j];
         // Off-target classes in vectorised passes around the target, the target exactly.
@@ -182,15 +196,11 @@ at::Tensor weight_noise_normal_cpu(const at::Tensor& philox, int64_t n, int64_t 
   float* o = out.mutable_data_ptr<float>();
   at::parallel_for(0, n * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, c)),
                    [&](int64_t begin, int64_t end) {
-                     float xi[4];
+                     cpu::NoiseRows noise(key, k, c);
+                     const auto all = [](int64_t, int64_t) { return true; };
                      for (int64_t r = begin; r < end; ++r) {
-                       float* row = o + r * c;
-                       for (int64_t c0 = 0; c0 < c; c0 += 4) {
-                         key.block(r / k, r % k, c0 >> 2, xi);
-                         for (int64_t e = 0; e < std::min<int64_t>(4, c - c0); ++e) {
-                           row[c0 + e] = xi[e];
-                         }
-                       }
+                       const float* xi = noise.get(r / k, r % k, end, all);
+                       std::copy(xi, xi + c, o + r * c);
                      }
                    });
   return out;

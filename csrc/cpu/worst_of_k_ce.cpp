@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "fastmargin/ce_math.h"
 #include "fastmargin/ce_weighted_math.h"
@@ -45,6 +46,7 @@ struct PlainLoss {
 
   bool soft() const { return false; }
   int64_t index_target(int64_t b) const { return target[b]; }
+  static constexpr bool kSmallRowBatches = true;  // forward_small_rows applies
 
   // Loss of copy j of sample b (row z, valid class y); stores lse (asum is the weighted loss's).
   acc_t row_loss(const scalar_t* z, int64_t, int64_t, int64_t y, acc_t r, Scratch<acc_t>& xs,
@@ -108,6 +110,7 @@ struct WeightedLoss {
         sparse(!tgt.soft && eps == 0.0) {}
 
   bool soft() const { return tgt.soft != nullptr; }  // then y == -1 means "no target class"
+  static constexpr bool kSmallRowBatches = false;
   int64_t index_target(int64_t b) const { return tgt.soft ? -1 : tgt.index[b]; }
   const target_t* soft_row(int64_t b, int64_t j) const {
     return tgt.soft ? tgt.soft + b * tgt.stride_b + j * tgt.stride_k : nullptr;
@@ -177,9 +180,103 @@ struct WeightedLoss {
   }
 };
 
+// dL/dr of sample b: the copies' dCE/dr weighted by dL/dl_j.
+template <typename Loss, typename scalar_t, typename acc_t>
+acc_t sample_dradius(const Loss& L, const scalar_t* zb, int64_t sk, int64_t k, int64_t y, acc_t r,
+                     const acc_t* lse_b, const acc_t* w_b, acc_t asum) {
+  acc_t dr = acc_t(0);
+  for (int64_t j = 0; j < k; ++j) {
+    if (w_b[j] == acc_t(0)) continue;
+    const acc_t zy = robust_logit(acc_t(zb[j * sk + y]), true, r);
+    dr += w_b[j] * L.dradius(lse_b[j], zy, y, asum);
+  }
+  return dr;
+}
+
+// The plain-loss forward for rows of at most cpu::kSmallRow classes: the k robust rows of a block
+// of samples are gathered into acc_t scratch and reduced together (cpu::small_rows_stats: one
+// vectorised exp over the block instead of a short pass per row), then each sample's copies are
+// reduced as in forward_impl.
+template <typename Loss>
+void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor>& radius,
+                        double temperature, int64_t ignore_index, const Loss& L,
+                        WorstOfKForward& out) {
+  using scalar_t = typename Loss::scalar_t;
+  using acc_t = typename Loss::acc_t;
+  const int64_t B = logits.size(0), k = logits.size(1), C = logits.size(2);
+  const int64_t sb = logits.stride(0), sk = logits.stride(1);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  const acc_t* rad = radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr;
+  acc_t* loss = out.loss.mutable_data_ptr<acc_t>();
+  acc_t* lse = out.lse.mutable_data_ptr<acc_t>();
+  acc_t* weight = out.weight.mutable_data_ptr<acc_t>();
+  int64_t* index = out.index.mutable_data_ptr<int64_t>();
+  acc_t* dradius = rad ? out.dradius.mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t tau = static_cast<acc_t>(temperature);
+  const bool want_sum = L.eps != acc_t(0);
+  const int64_t block = std::max<int64_t>(1, 1024 / (k * C));  // samples reduced together
+  const int64_t grain = std::max<int64_t>(block, 32768 / (k * C));
+
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> xs, es;
+    std::vector<RowStats<acc_t>> st;
+    for (int64_t b0 = begin; b0 < end; b0 += block) {
+      const int64_t b1 = std::min(end, b0 + block), rows = (b1 - b0) * k;
+      acc_t* x = xs.get(rows * C);
+      st.resize(static_cast<size_t>(rows));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t y = L.index_target(b);
+        const bool valid = y >= 0 && y < C;
+        const acc_t r = rad ? rad[b] : acc_t(0);
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t* z = base + b * sb + j * sk;
+          acc_t* xr = x + ((b - b0) * k + j) * C;
+          if (!valid) {  // ignored / invalid sample: a zero row, never used
+            std::fill(xr, xr + C, acc_t(0));
+            continue;
+          }
+          for (int64_t c = 0; c < C; ++c) xr[c] = static_cast<acc_t>(z[c]) + r;
+          xr[y] = robust_logit(static_cast<acc_t>(z[y]), true, r);
+        }
+      }
+      cpu::small_rows_stats(x, rows, C, want_sum, es.get(rows * C), st.data());
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t y = L.index_target(b);
+        acc_t* lse_b = lse + b * k;
+        acc_t* w_b = weight + b * k;
+        index[b] = 0;
+        const TargetKind kind = classify_target(y, ignore_index, C);
+        if (kind != TargetKind::kClass) {
+          cpu::fill_skipped_sample(kind, k, loss + b, lse_b, w_b, dradius ? dradius + b : nullptr);
+          continue;
+        }
+        const int64_t row0 = (b - b0) * k;
+        cpu::reduce_copies(
+            k, tau,
+            [&](int64_t j, acc_t& lse_j) {
+              const RowStats<acc_t>& sj = st[static_cast<size_t>(row0 + j)];
+              lse_j = sj.lse();
+              return ce_from_stats(lse_j, x[(row0 + j) * C + y], sj.sumz, L.eps, C);
+            },
+            lse_b, w_b, loss + b, index + b);
+        if (dradius) {
+          dradius[b] = sample_dradius(L, base + b * sb, sk, k, y, rad[b], lse_b, w_b, acc_t(0));
+        }
+      }
+    }
+  });
+}
+
 template <typename Loss>
 void forward_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& radius,
                   double temperature, int64_t ignore_index, const Loss& L, WorstOfKForward& out) {
+  if constexpr (Loss::kSmallRowBatches) {
+    const int64_t C = logits.size(2);
+    if (C > 0 && C <= cpu::kSmallRow) {
+      forward_small_rows(logits, radius, temperature, ignore_index, L, out);
+      return;
+    }
+  }
   using scalar_t = typename Loss::scalar_t;
   using acc_t = typename Loss::acc_t;
   const int64_t B = logits.size(0), k = logits.size(1), C = logits.size(2);
@@ -215,14 +312,7 @@ void forward_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& rad
             return L.row_loss(zb + j * sk, b, j, y, r, xs, as, lse_j, asum);
           },
           lse_b, w_b, loss + b, index + b);
-      if (!dradius) continue;
-      acc_t dr = acc_t(0);
-      for (int64_t j = 0; j < k; ++j) {
-        if (w_b[j] == acc_t(0)) continue;
-        const acc_t zy = robust_logit(acc_t(zb[j * sk + y]), true, r);
-        dr += w_b[j] * L.dradius(lse_b[j], zy, y, asum);
-      }
-      dradius[b] = dr;
+      if (dradius) dradius[b] = sample_dradius(L, zb, sk, k, y, r, lse_b, w_b, asum);
     }
   });
 }

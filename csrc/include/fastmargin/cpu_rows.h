@@ -105,6 +105,16 @@ void softmax_grad_f32(const float* z, int64_t n, float r, float lse, float A, co
                       float a_off, float s, float* out);
 float softmax_grad_acc_f32(const float* x, const float* xi, int64_t n, float lse, float w,
                            float a_off, float* acc);
+void exp_inplace_f32(float* x, int64_t n);
+
+template <typename acc_t>
+void exp_inplace(acc_t* x, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    exp_inplace_f32(x, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) x[i] = exp_lane(x[i]);
+  }
+}
 
 template <typename acc_t>
 acc_t row_max(const acc_t* x, int64_t n) {
@@ -165,6 +175,41 @@ RowStats<acc_t> row_stats(const acc_t* x, int64_t C, bool want_sum) {
   if (fast_row_stats(x, C, want_sum, st)) return st;
   for (int64_t c = 0; c < C; ++c) st.add(x[c], want_sum);
   return st;
+}
+
+// Rows of at most this many classes are reduced several at a time (small_rows_stats): one row
+// alone fills few lanes, and the per-row cost of the passes above would dominate.
+constexpr int64_t kSmallRow = 32;
+
+// RowStats of `rows` contiguous rows of C classes in x (C <= kSmallRow): per row a scalar max and
+// the shifted logits into e, then one vectorised exp over all rows, then per-row sums. Rows whose
+// max is not finite take the scalar online pass, as in row_stats.
+template <typename acc_t>
+void small_rows_stats(const acc_t* x, int64_t rows, int64_t C, bool want_sum, acc_t* e,
+                      RowStats<acc_t>* st) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* xr = x + i * C;
+    acc_t m = neg_inf<acc_t>();
+    for (int64_t c = 0; c < C; ++c) m = xr[c] > m ? xr[c] : m;  // NaN ignored, as lane_max
+    st[i].max = m;
+    const acc_t shift = is_finite(m) ? m : acc_t(0);
+    for (int64_t c = 0; c < C; ++c) e[i * C + c] = xr[c] - shift;
+  }
+  exp_inplace(e, rows * C);
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* xr = x + i * C;
+    if (!is_finite(st[i].max)) {
+      st[i] = RowStats<acc_t>::empty();
+      for (int64_t c = 0; c < C; ++c) st[i].add(xr[c], want_sum);
+      continue;
+    }
+    acc_t se = acc_t(0), sz = acc_t(0);
+    for (int64_t c = 0; c < C; ++c) se += e[i * C + c];
+    if (want_sum) {
+      for (int64_t c = 0; c < C; ++c) sz += xr[c];
+    }
+    st[i] = {st[i].max, se, sz};
+  }
 }
 
 // Ignored sample: contributes 0 with zero gradient. Invalid target: NaN row, logits never read.
