@@ -292,8 +292,37 @@ def check_worst_of_k(report: Report, inp: Inputs, dtypes, quick: bool) -> None:
         report.add(op, "return_index (worst copy)", float(wrong), wrong == 0, "indices differ")
 
     report.run(op, "return_index (worst copy)", worst_index)
+    _check_drop_in(report, inp, dtypes, B)
     _check_masked_and_nan(report, inp, dtypes, B, k)
     _check_inplace(report, inp, dtypes, B, k)
+
+
+def _check_drop_in(report: Report, inp: Inputs, dtypes, B: int) -> None:
+    """Without ``dim`` the loss takes F.cross_entropy's own shapes and must give its numbers:
+    (N, C), spatial (N, C, d) and batch-less (C,), against F.cross_entropy itself."""
+    op = "worst_of_k_cross_entropy"
+    C, d = 37, 6
+    shapes = [("(N, C)", (B, C), (B,)), ("(N, C, d)", (B, C, d), (B, d)), ("(C,)", (C,), ())]
+    for dtype in dtypes:
+        for label, shape, target_shape in shapes:
+            case = f"no dim, {label} vs F.cross_entropy, {_dtype_name(dtype)}"
+
+            def one(case=case, shape=shape, target_shape=target_shape, dtype=dtype) -> None:
+                x = _leaf(inp.randn(*shape, dtype=dtype, scale=2.0))
+                n = math.prod(target_shape)
+                y = inp.targets(max(n, 1), C)[:n].view(target_shape)
+                reduction = "none" if target_shape else "sum"
+                compare_fn(
+                    report,
+                    op,
+                    case,
+                    lambda z, t: fm.worst_of_k_cross_entropy(z, t, reduction=reduction),
+                    lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction=reduction),
+                    [x, y],
+                    dtype,
+                )
+
+            report.run(op, case, one)
 
 
 def _w(extra) -> dict:

@@ -12,7 +12,7 @@ from . import _target_checks as tc
 from . import _validation as v
 from ._autocast import loss_dtype
 from ._ops import _non_overlapping_and_dense, ops
-from .reference import reduce_cross_entropy
+from ._reduce import reduce_cross_entropy
 
 LossAndIndex = Tuple[torch.Tensor, torch.Tensor]
 

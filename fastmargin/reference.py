@@ -48,15 +48,30 @@ def cross_entropy_per_copy(
     return per_row.view(B, k)
 
 
-def reduce_loss(
-    per_sample: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str
+def _reduce(
+    per_sample: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """F.cross_entropy's reductions: 'mean' divides by the number of samples not ignored."""
+    """F.cross_entropy's reductions: 'mean' divides by the number of samples not ignored
+    (class indices), by sum_b w_{y_b} over them (class weights; worst-of-k: the weight of each
+    sample's class, whichever copy is the worst), or by B (probability targets)."""
     if reduction == "none":
         return per_sample
+    total = per_sample.sum()
     if reduction == "sum":
-        return per_sample.sum()
-    return per_sample.sum() / (target != ignore_index).sum()
+        return total
+    if target.is_floating_point():
+        return total / per_sample.numel()
+    counted = target != ignore_index
+    if weight is None:
+        return total / counted.sum()
+    C = weight.shape[0]
+    counted = counted & (target >= 0) & (target < C)  # out of range: NaN loss, weight 0
+    w = torch.where(counted, weight[target.clamp(0, max(C - 1, 0))], 0.0)
+    return total / w.sum()
 
 
 def worst_of_k_cross_entropy(
@@ -79,7 +94,7 @@ def worst_of_k_cross_entropy(
     With ``dim`` (0 or 1), 3-D logits hold k copies along it, and
     L_b = max_j l_bj (temperature 0; ties to the lowest j, gradient into that copy only), or
     L_b = tau * log((1/k) sum_j exp(l_bj / tau)) for tau > 0; then F.cross_entropy's reduction
-    (see :func:`reduce_cross_entropy` for class weights and probability targets).
+    (see :func:`_reduce` for class weights and probability targets).
     """
     options = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, weight=weight)
     if dim is None:
@@ -97,7 +112,7 @@ def worst_of_k_cross_entropy(
     worst, index = ce.max(dim=1)
     if temperature > 0:
         worst = temperature * (torch.logsumexp(ce / temperature, dim=1) - math.log(k))
-    loss = reduce_cross_entropy(worst, target, ignore_index, reduction, weight)
+    loss = _reduce(worst, target, ignore_index, reduction, weight)
     return (loss, index) if return_index else loss
 
 
@@ -186,43 +201,6 @@ def all_layer_perturb(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 # --- soft targets and class weights ----------------------------------------------------------
-
-
-def reduce_cross_entropy(
-    per_sample: torch.Tensor,
-    target: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """F.cross_entropy's reductions for every target kind.
-
-    * index targets, no ``weight``: :func:`reduce_loss` ('mean' over samples not ignored);
-    * index targets with class weights w: 'mean' divides by sum_b w_{y_b} over the samples not
-      ignored (for k = 1 exactly F.cross_entropy; for worst-of-k the same normaliser, the
-      weight of each sample's class, whichever copy is the worst);
-    * probability targets: 'mean' divides by the batch size B (ignore_index does not apply).
-    """
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    if target.is_floating_point():
-        return per_sample.sum() / per_sample.shape[0]
-    if weight is None:
-        return reduce_loss(per_sample, target, ignore_index, reduction)
-    return per_sample.sum() / selected_weight_sum(target, weight, ignore_index)
-
-
-def selected_weight_sum(
-    target: torch.Tensor, weight: torch.Tensor, ignore_index: int
-) -> torch.Tensor:
-    """sum_b w_{y_b} over samples whose target is a class (ignored and out-of-range targets
-    count 0; gathering with them would fault, and their loss is 0 or NaN anyway)."""
-    C = weight.shape[0]
-    valid = (target != ignore_index) & (target >= 0) & (target < C)
-    picked = weight[target.clamp(0, max(C - 1, 0))]
-    return torch.where(valid, picked, torch.zeros_like(picked)).sum()
 
 
 def weight_noise_worst_of_k_cross_entropy(

@@ -29,8 +29,8 @@ from . import _validation as v
 from ._autocast import loss_dtype
 from ._heads_check import check_head_features, warn_outside_ddp_forward
 from ._ops import ops, stats_dtype
+from ._reduce import reduce_loss
 from .modules import LossModule
-from .reference import reduce_loss
 
 _INT64_MIN = -(2**63)
 _STATE_HIGH = 2**62

@@ -21,8 +21,8 @@ from . import _validation as v
 from ._autocast import loss_dtype
 from ._heads_check import check_head_features, warn_outside_ddp_forward
 from ._ops import stats_dtype
+from ._reduce import reduce_loss
 from .modules import LossModule
-from .reference import reduce_loss
 
 Radius = Union[float, torch.Tensor]
 
