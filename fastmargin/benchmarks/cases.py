@@ -432,7 +432,8 @@ def gpu_check_cases(device: str, *, quick: bool = False) -> List[Case]:
     """The time-boxed set of ``make gpu-check`` (about two minutes on one GPU), in bfloat16 and
     in order of value: the few-row worst-of-k shapes, worst-of-k at k = 4 on every shape of the
     device's list, k = 1 (the F.cross_entropy case, where Liger is a peer), then every other op
-    once on the (32768, 32000) logits. ``quick`` keeps the first three (a dry run's smoke test)."""
+    once on the (32768, 32000) logits, the spatial case and the fused LM head. ``quick`` keeps
+    the first three (a dry run's smoke test)."""
     gpu = device == "cuda"
     bf16 = torch.bfloat16
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
@@ -443,4 +444,7 @@ def gpu_check_cases(device: str, *, quick: bool = False) -> List[Case]:
     cases.append(soft_target_case(*wide, 4, bf16))
     cases += [row_op_case(op, *wide, bf16) for op in _ROW_OPS]
     cases.append(perturb_case(512, 65536, bf16) if gpu else perturb_case(64, 4096, bf16))
+    cases.append(spatial_case(16, 21, 512, bf16) if gpu else spatial_case(4, 21, 32, bf16))
+    # The LM-head case at k = 4 (the CPU dry run takes the small shape).
+    cases.append(linear_ce_cases(device, quick=not gpu)[0])
     return cases[:3] if quick else cases
