@@ -2,7 +2,8 @@
 # a virtual environment in .venv with torch, the test/demo/lint extras, and the extension.
 #
 #   make demo    build and run the demo (digits: CE vs MaxUp vs AMO vs robust objectives)
-#   make test    build (CPU + CUDA kernels where nvcc exists) and run the test suite
+#   make test    build (CPU + CUDA kernels where nvcc exists), run the test suite, then test-emu
+#   make test-cpu  the test suite alone
 #   make bench   build and print the benchmark table (fastmargin vs eager vs torch.compile)
 #   make lint    ruff (lint + format check) and clang-format on csrc/
 #   make build   only build fastmargin._C in place
@@ -30,7 +31,7 @@ VENV_STAMP := $(VENV)/.fastmargin-deps
 BUILD_STAMP := build/.fastmargin-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test test-cuda test-emu bench demo lint format clean gpu-check
+.PHONY: venv build test test-cpu test-cuda test-emu bench demo lint format clean gpu-check
 
 venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml
@@ -50,7 +51,10 @@ $(BUILD_STAMP): $(VENV_STAMP) setup.py $(CSRC)
 		|| { cat build/build.log; echo "fastmargin._C: build failed (log above)"; exit 1; }
 	@touch $@
 
-test: $(BUILD_STAMP)
+# make test: the CPU suite, then the CUDA kernels run on the CPU under the emulation harness.
+test: test-cpu test-emu
+
+test-cpu: $(BUILD_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-cuda: $(BUILD_STAMP)

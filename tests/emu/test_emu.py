@@ -246,6 +246,19 @@ def test_all_layer_perturb(shape, layout, dtype, delta_dtype):
             close(a, b, dtype, stats=False)
 
 
+# One float32 Box-Muller definition serves host and device (philox.h), so the two noises differ
+# only where a compiler contracts a multiply-add into an FMA (the vectorised CPU loops and nvcc
+# do, this host build of the CUDA sources need not): measured at most 1.8 ulp apart here, and
+# each is within 3.2 ulp of a float64 Box-Muller of the same Philox words (tests/test_philox.py).
+NOISE_ULP_BOUND = 4.0
+
+
+def noise_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| in float32 ulps of want."""
+    spacing = torch.finfo(torch.float32).eps * want.abs().clamp_min(2.0**-126)
+    return float(((got - want).abs() / spacing).max()) if want.numel() else 0.0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C, k", [(17, 3), (64, 10), (2049, 2)])
 @pytest.mark.parametrize("tau, eps", [(0.0, 0.0), (0.5, 0.1)])
@@ -257,7 +270,10 @@ def test_weight_noise(dtype, C, k, tau, eps):
     scale = torch.rand(N, generator=g, dtype=stats_dtype(dtype))
     philox = torch.tensor([1234, 5678])
     noise_cpu = CPU.weight_noise_normal(philox, N, k, C)
-    assert torch.equal(EMU.weight_noise_normal(philox, N, k, C), noise_cpu)
+    assert noise_ulps(EMU.weight_noise_normal(philox, N, k, C), noise_cpu) <= NOISE_ULP_BOUND
+    # The noise is float32 whatever the logits, and the two builds' noises may differ by a few
+    # ulp (above): float64 logits are compared at float32's tolerance.
+    tol_dtype = torch.float32 if dtype == torch.float64 else dtype
     args = (target, scale, philox, k, tau, eps, -100)
     cpu = CPU.weight_noise_ce_fwd(x, *args)
     emu = EMU.weight_noise_ce_fwd(x, *args)
@@ -265,13 +281,13 @@ def test_weight_noise(dtype, C, k, tau, eps):
         if name == "index":
             assert torch.equal(a, b)
         else:
-            close(a, b, dtype)
+            close(a, b, tol_dtype)
     _, lse, w, _ = cpu
     gl = torch.rand(N, generator=g, dtype=stats_dtype(dtype)) + 0.5
     bargs = (gl, x, target, scale, philox, lse, w, eps, -100)
     (ga, sa), (gb, sb) = EMU.weight_noise_ce_bwd(*bargs), CPU.weight_noise_ce_bwd(*bargs)
-    close(ga, gb, dtype, stats=False)
-    close(sa, sb, dtype)
+    close(ga, gb, tol_dtype, stats=False)
+    close(sa, sb, tol_dtype)
 
 
 def test_empty_batches():

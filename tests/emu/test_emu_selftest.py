@@ -7,6 +7,7 @@ process, so those defects run in a child process with the same environment.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,16 +29,18 @@ def test_clean_kernel_passes_with_the_same_collectives():
 @pytest.mark.parametrize(
     "defect, message",
     [
-        ("divergent_syncthreads", "exited while 16 thread(s) wait in __syncthreads"),
-        ("split_syncthreads", "divergent __syncthreads"),
-        ("lane_exit_before_shuffle", "lane 31 of warp 0 exited"),
-        ("partial_mask", "with mask 0xffff"),
+        # How many of the 16 threads already wait when the first of the others exits depends
+        # on the OS threads' timing: any count from 1 to 16 is the same defect.
+        ("divergent_syncthreads", r"exited while (1[0-6]|[1-9]) thread\(s\) wait in __syncthreads"),
+        ("split_syncthreads", re.escape("divergent __syncthreads")),
+        ("lane_exit_before_shuffle", re.escape("lane 31 of warp 0 exited")),
+        ("partial_mask", re.escape("with mask 0xffff")),
     ],
 )
 def test_collective_violations_are_reported(defect, message):
     with pytest.raises(RuntimeError, match="collective violation") as err:
         run_defect(defect)
-    assert message in str(err.value)
+    assert re.search(message, str(err.value)), str(err.value)
 
 
 def test_a_grid_beyond_2_31_blocks_is_refused_not_narrowed():
