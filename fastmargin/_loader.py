@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
+import os
 import platform
 import re
 import sys
@@ -160,7 +161,7 @@ def load_extension() -> None:
     import torch  # noqa: F401  (torch's libraries must be loaded before _C links against them)
 
     try:
-        importlib.import_module(f"{__package__}._C")
+        module = importlib.import_module(f"{__package__}._C")
     except ImportError as exc:
         message = explain_load_failure(
             str(exc), build_record(), running_torch(), extension_files(), rebuild_command()
@@ -168,6 +169,11 @@ def load_extension() -> None:
         raise ImportError(message) from exc
     record = build_record()
     running = running_torch()
+    loaded = os.path.basename(getattr(module, "__file__", "") or "")
+    if record is not None and record.get("extension", loaded) != loaded:
+        # The record describes another build beside this one (another Python's extension, built
+        # in place in the same checkout): it says nothing about the one that loaded.
+        record = None
     if record is not None and not built_for(record, running):
         built = describe_torch(record.get("torch", "?"), record.get("torch_cuda"))
         warnings.warn(

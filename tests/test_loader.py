@@ -124,7 +124,9 @@ def test_info_prints_the_record_beside_the_running_torch(capsys):
         assert ("MISMATCH" in out) != _loader.built_for(record, _loader.running_torch())
 
 
-def _package_copy(tmp_path: Path, record_torch: str, binary: bytes | None) -> Path:
+def _package_copy(
+    tmp_path: Path, record_torch: str, binary: bytes | None, extension: str | None = None
+) -> Path:
     """fastmargin's Python files in tmp_path, a record naming `record_torch`, and either the
     real compiled extension (binary None) or a file holding `binary` in its place."""
     package_dir = Path(fastmargin.__file__).parent
@@ -132,14 +134,24 @@ def _package_copy(tmp_path: Path, record_torch: str, binary: bytes | None) -> Pa
     shutil.copytree(
         package_dir, copy, ignore=shutil.ignore_patterns("_C.*", "_build_info.py", "__pycache__")
     )
+    extra = f", 'extension': {extension!r}" if extension else ""
     (copy / "_build_info.py").write_text(
-        f"BUILD = {{'torch': {record_torch!r}, 'torch_cuda': None, 'cuda_kernels': False}}\n"
+        f"BUILD = {{'torch': {record_torch!r}, 'torch_cuda': None, 'cuda_kernels': False{extra}}}\n"
     )
     if binary is None:
         (copy / ("_C" + SUFFIX)).symlink_to(package_dir / ("_C" + SUFFIX))
     else:
         (copy / ("_C" + SUFFIX)).write_bytes(binary)
     return tmp_path
+
+
+IMPORT_PRINTING_RUNTIME_WARNINGS = (
+    "import warnings\n"
+    "with warnings.catch_warnings(record=True) as caught:\n"
+    "    warnings.simplefilter('always')\n"
+    "    import fastmargin\n"
+    "print([str(w.message) for w in caught if w.category is RuntimeWarning])\n"
+)
 
 
 def _run(cwd: Path, code: str) -> subprocess.CompletedProcess:
@@ -165,14 +177,20 @@ def test_import_of_a_broken_build_explains_itself(tmp_path):
 )
 def test_loading_a_build_recorded_for_another_torch_warns(tmp_path):
     root = _package_copy(tmp_path, "1.0.0+elsewhere", None)
-    code = (
-        "import warnings\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import fastmargin\n"
-        "print([str(w.message) for w in caught if w.category is RuntimeWarning])\n"
-    )
-    result = _run(root, code)
+    result = _run(root, IMPORT_PRINTING_RUNTIME_WARNINGS)
     assert result.returncode == 0, result.stderr
     assert "built against torch 1.0.0+elsewhere" in result.stdout
     assert "may fail at any call" in result.stdout
+
+
+@pytest.mark.skipif(
+    not (Path(fastmargin.__file__).parent / ("_C" + SUFFIX)).exists(),
+    reason="needs the in-place build",
+)
+def test_a_record_of_another_pythons_build_beside_it_is_not_applied(tmp_path):
+    # Two in-place builds in one checkout (e.g. one for the GPU machine's Python): the record
+    # last written describes the other extension file, not the one that loads here.
+    root = _package_copy(tmp_path, "1.0.0+elsewhere", None, extension="_C.cpython-399-other.so")
+    result = _run(root, IMPORT_PRINTING_RUNTIME_WARNINGS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
