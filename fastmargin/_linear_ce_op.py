@@ -291,21 +291,25 @@ def linear_worst_of_k_ce(
     )
     outputs = s.allocate_outputs()
     per_sample = outputs[0]
+    # 'mean' divides by one normaliser over the whole batch (not per chunk): computed once, for
+    # the loss and for the gradient written chunk by chunk.
+    norm = None
+    if reduction == "mean":
+        norm = _mean_normaliser(target, class_weight, ignore_index, s.f)
     grad_loss = None
     if reduction != "none" and any(need_grad):
-        if reduction == "sum":
+        if norm is None:
             grad_loss = torch.ones((s.B,), dtype=s.f, device=hidden.device)
         else:
-            norm = _mean_normaliser(target, class_weight, ignore_index, s.f)
             grad_loss = (1.0 / norm).expand(s.B).contiguous()
     gh, gw, gb = s.run(temperature, outputs, grad_loss, None, tuple(need_grad))
     _, index, lse, wsel, dradius = outputs
     if reduction == "none":
         loss = per_sample
-    elif reduction == "sum":
+    elif norm is None:
         loss = per_sample.sum()
     else:
-        loss = per_sample.sum() / _mean_normaliser(target, class_weight, ignore_index, s.f)
+        loss = per_sample.sum() / norm
     return loss, index, lse, wsel, dradius, gh, gw, gb
 
 

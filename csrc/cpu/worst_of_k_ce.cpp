@@ -193,6 +193,35 @@ acc_t sample_dradius(const Loss& L, const scalar_t* zb, int64_t sk, int64_t k, i
   return dr;
 }
 
+// The forward's shapes and raw pointers (inputs and the outputs it writes), shared by the
+// row-by-row driver and the small-row one.
+template <typename scalar_t, typename acc_t>
+struct ForwardRows {
+  int64_t B, k, C, sb, sk;
+  const scalar_t* base;
+  const acc_t* rad;  // nullptr without a radius
+  acc_t* loss;
+  acc_t* lse;
+  acc_t* weight;
+  int64_t* index;
+  acc_t* dradius;  // nullptr without a radius
+
+  ForwardRows(const at::Tensor& logits, const c10::optional<at::Tensor>& radius,
+              WorstOfKForward& out)
+      : B(logits.size(0)),
+        k(logits.size(1)),
+        C(logits.size(2)),
+        sb(logits.stride(0)),
+        sk(logits.stride(1)),
+        base(logits.const_data_ptr<scalar_t>()),
+        rad(radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr),
+        loss(out.loss.mutable_data_ptr<acc_t>()),
+        lse(out.lse.mutable_data_ptr<acc_t>()),
+        weight(out.weight.mutable_data_ptr<acc_t>()),
+        index(out.index.mutable_data_ptr<int64_t>()),
+        dradius(rad ? out.dradius.mutable_data_ptr<acc_t>() : nullptr) {}
+};
+
 // The plain-loss forward for rows of at most cpu::kSmallRow classes: the k robust rows of a block
 // of samples are gathered into acc_t scratch and reduced together (cpu::small_rows_stats: one
 // vectorised exp over the block instead of a short pass per row), then each sample's copies are
@@ -203,15 +232,8 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
                         WorstOfKForward& out) {
   using scalar_t = typename Loss::scalar_t;
   using acc_t = typename Loss::acc_t;
-  const int64_t B = logits.size(0), k = logits.size(1), C = logits.size(2);
-  const int64_t sb = logits.stride(0), sk = logits.stride(1);
-  const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const acc_t* rad = radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr;
-  acc_t* loss = out.loss.mutable_data_ptr<acc_t>();
-  acc_t* lse = out.lse.mutable_data_ptr<acc_t>();
-  acc_t* weight = out.weight.mutable_data_ptr<acc_t>();
-  int64_t* index = out.index.mutable_data_ptr<int64_t>();
-  acc_t* dradius = rad ? out.dradius.mutable_data_ptr<acc_t>() : nullptr;
+  const ForwardRows<scalar_t, acc_t> p(logits, radius, out);
+  const int64_t B = p.B, k = p.k, C = p.C, sb = p.sb, sk = p.sk;
   const acc_t tau = static_cast<acc_t>(temperature);
   const bool want_sum = L.eps != acc_t(0);
   const int64_t block = std::max<int64_t>(1, 1024 / (k * C));  // samples reduced together
@@ -227,9 +249,9 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = L.index_target(b);
         const bool valid = y >= 0 && y < C;
-        const acc_t r = rad ? rad[b] : acc_t(0);
+        const acc_t r = p.rad ? p.rad[b] : acc_t(0);
         for (int64_t j = 0; j < k; ++j) {
-          const scalar_t* z = base + b * sb + j * sk;
+          const scalar_t* z = p.base + b * sb + j * sk;
           acc_t* xr = x + ((b - b0) * k + j) * C;
           if (!valid) {  // ignored / invalid sample: a zero row, never used
             std::fill(xr, xr + C, acc_t(0));
@@ -242,12 +264,13 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
       cpu::small_rows_stats(x, rows, C, want_sum, es.get(rows * C), st.data());
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = L.index_target(b);
-        acc_t* lse_b = lse + b * k;
-        acc_t* w_b = weight + b * k;
-        index[b] = 0;
+        acc_t* lse_b = p.lse + b * k;
+        acc_t* w_b = p.weight + b * k;
+        p.index[b] = 0;
         const TargetKind kind = classify_target(y, ignore_index, C);
         if (kind != TargetKind::kClass) {
-          cpu::fill_skipped_sample(kind, k, loss + b, lse_b, w_b, dradius ? dradius + b : nullptr);
+          cpu::fill_skipped_sample(kind, k, p.loss + b, lse_b, w_b,
+                                   p.dradius ? p.dradius + b : nullptr);
           continue;
         }
         const int64_t row0 = (b - b0) * k;
@@ -258,9 +281,10 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
               lse_j = sj.lse();
               return ce_from_stats(lse_j, x[(row0 + j) * C + y], sj.sumz, L.eps, C);
             },
-            lse_b, w_b, loss + b, index + b);
-        if (dradius) {
-          dradius[b] = sample_dradius(L, base + b * sb, sk, k, y, rad[b], lse_b, w_b, acc_t(0));
+            lse_b, w_b, p.loss + b, p.index + b);
+        if (p.dradius) {
+          p.dradius[b] =
+              sample_dradius(L, p.base + b * sb, sk, k, y, p.rad[b], lse_b, w_b, acc_t(0));
         }
       }
     }
@@ -279,15 +303,8 @@ void forward_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& rad
   }
   using scalar_t = typename Loss::scalar_t;
   using acc_t = typename Loss::acc_t;
-  const int64_t B = logits.size(0), k = logits.size(1), C = logits.size(2);
-  const int64_t sb = logits.stride(0), sk = logits.stride(1);
-  const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const acc_t* rad = radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr;
-  acc_t* loss = out.loss.mutable_data_ptr<acc_t>();
-  acc_t* lse = out.lse.mutable_data_ptr<acc_t>();
-  acc_t* weight = out.weight.mutable_data_ptr<acc_t>();
-  int64_t* index = out.index.mutable_data_ptr<int64_t>();
-  acc_t* dradius = rad ? out.dradius.mutable_data_ptr<acc_t>() : nullptr;
+  const ForwardRows<scalar_t, acc_t> p(logits, radius, out);
+  const int64_t B = p.B, k = p.k, C = p.C, sb = p.sb, sk = p.sk;
   const acc_t tau = static_cast<acc_t>(temperature);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k * C));
 
@@ -295,24 +312,25 @@ void forward_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& rad
     Scratch<acc_t> xs, as;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t y = L.index_target(b);
-      acc_t* lse_b = lse + b * k;
-      acc_t* w_b = weight + b * k;
-      index[b] = 0;
+      acc_t* lse_b = p.lse + b * k;
+      acc_t* w_b = p.weight + b * k;
+      p.index[b] = 0;
       const TargetKind kind = L.soft() ? TargetKind::kClass : classify_target(y, ignore_index, C);
       if (kind != TargetKind::kClass) {
-        cpu::fill_skipped_sample(kind, k, loss + b, lse_b, w_b, dradius ? dradius + b : nullptr);
+        cpu::fill_skipped_sample(kind, k, p.loss + b, lse_b, w_b,
+                                 p.dradius ? p.dradius + b : nullptr);
         continue;
       }
-      const acc_t r = rad ? rad[b] : acc_t(0);
-      const scalar_t* zb = base + b * sb;
+      const acc_t r = p.rad ? p.rad[b] : acc_t(0);
+      const scalar_t* zb = p.base + b * sb;
       acc_t asum = acc_t(0);  // A of index-target rows (the same for every copy)
       cpu::reduce_copies(
           k, tau,
           [&](int64_t j, acc_t& lse_j) {
             return L.row_loss(zb + j * sk, b, j, y, r, xs, as, lse_j, asum);
           },
-          lse_b, w_b, loss + b, index + b);
-      if (dradius) dradius[b] = sample_dradius(L, zb, sk, k, y, r, lse_b, w_b, asum);
+          lse_b, w_b, p.loss + b, p.index + b);
+      if (p.dradius) p.dradius[b] = sample_dradius(L, zb, sk, k, y, r, lse_b, w_b, asum);
     }
   });
 }
