@@ -2,7 +2,9 @@
 
 Schemas live in csrc/ops.cpp; CPU and CUDA kernels register themselves when _C loads. What is
 added here makes every op traceable by torch.compile (register_fake) and differentiable
-(register_autograd, whose backward is itself a registered op).
+(register_autograd, whose backward is itself a registered op). The worst-of-k cross-entropy,
+the op every loss call runs, has its autograd in C++ instead
+(csrc/autograd/worst_of_k_ce_autograd.cpp): a C++ node costs far less host time per call.
 
 A backward that autograd runs with ``create_graph=True`` (grad mode on) must itself be
 differentiable; the fused backward ops are not (in the logits), so there each backward
@@ -58,83 +60,44 @@ def _worst_of_k_ce_bwd_inplace_fake(
     return None
 
 
-def _worst_of_k_ce_setup_context(ctx, inputs, output):
-    logits, target, radius, temperature, label_smoothing, ignore_index, class_weight = inputs
-    _loss, lse, weight, index, dradius = output
-    ctx.save_for_backward(logits, target, radius, lse, weight, dradius, class_weight, index)
-    ctx.temperature = temperature
-    ctx.label_smoothing = label_smoothing
-    ctx.ignore_index = ignore_index
-    ctx.mark_non_differentiable(lse, weight, dradius)
+# Autograd of worst_of_k_ce_fwd is registered in C++ (csrc/autograd/worst_of_k_ce_autograd.cpp:
+# a C++ node costs a fraction of a Python one per call). Its backward with create_graph=True
+# calls the op below, whose kernel differentiates the composite form.
+torch.library.define(
+    "fastmargin::worst_of_k_ce_bwd_composite",
+    "(Tensor grad_loss, Tensor logits, Tensor target, Tensor? radius, Tensor? class_weight, "
+    "Tensor index, float temperature, float label_smoothing, int ignore_index, "
+    "bool need_logits, bool need_target, bool need_radius) -> (Tensor, Tensor, Tensor)",
+)
 
 
-def _soft_target_grad(grad_loss, logits, target, lse, weight, class_weight, label_smoothing):
-    """dL/dp for probability targets (not fused: one logits-sized temporary).
-
-    l_bj = sum_c w_c ((1 - eps) p_c + eps / C) (lse_bj - z_bjc), so
-    dL/dp_bjc = grad_b * weight_bj * (1 - eps) * w_c * (lse_bj - z_bjc), summed over the
-    copies j when the k copies share one (B, C) target row.
-    """
-    scale = (grad_loss[:, None] * weight) * (1.0 - label_smoothing)  # (B, k)
-    g = (lse[..., None] - logits.to(lse.dtype)) * scale[..., None]  # (B, k, C)
-    if class_weight is not None:
-        g = g * class_weight
-    g = g.sum(dim=1) if target.dim() == 2 else g
-    return g.to(target.dtype)
-
-
-def _worst_of_k_ce_differentiable_backward(ctx, grad_loss):
-    logits, target, radius, _lse, _weight, _dradius, class_weight, index = ctx.saved_tensors
+@torch.library.impl("fastmargin::worst_of_k_ce_bwd_composite", "CompositeImplicitAutograd")
+def _worst_of_k_ce_bwd_composite(
+    grad_loss,
+    logits,
+    target,
+    radius,
+    class_weight,
+    index,
+    temperature,
+    label_smoothing,
+    ignore_index,
+    need_logits,
+    need_target,
+    need_radius,
+):
+    """(grad_logits, grad_target, grad_radius) as a differentiable graph; an empty (0,) tensor
+    for a gradient not asked for (the C++ backward reads only those it asked for)."""
 
     def forward(z, t, r):
         return comp.worst_of_k_ce(
-            z, t, r, ctx.temperature, ctx.label_smoothing, ctx.ignore_index, class_weight, index
+            z, t, r, temperature, label_smoothing, ignore_index, class_weight, index
         )[0]
 
-    need = ctx.needs_input_grad
     grads = comp.differentiable_backward(
-        forward,
-        (logits, target, radius),
-        (need[0], need[1] and target.is_floating_point(), need[2]),
-        grad_loss,
+        forward, (logits, target, radius), (need_logits, need_target, need_radius), grad_loss
     )
-    return (*grads, None, None, None, None)
-
-
-def _worst_of_k_ce_backward(ctx, grad_loss, _g_lse, _g_weight, _g_index, _g_dradius):
-    if grad_loss is None:
-        return None, None, None, None, None, None, None
-    if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-        return _worst_of_k_ce_differentiable_backward(ctx, grad_loss)
-    logits, target, radius, lse, weight, dradius, class_weight, _index = ctx.saved_tensors
-    grad_logits = grad_target = grad_radius = None
-    grad_loss = grad_loss.to(lse.dtype).contiguous()
-    if ctx.needs_input_grad[0]:
-        grad_logits = ops.worst_of_k_ce_bwd(
-            grad_loss,
-            logits,
-            target,
-            radius,
-            lse,
-            weight,
-            ctx.label_smoothing,
-            ctx.ignore_index,
-            class_weight,
-        )
-    if target.is_floating_point() and ctx.needs_input_grad[1]:
-        grad_target = _soft_target_grad(
-            grad_loss, logits, target, lse, weight, class_weight, ctx.label_smoothing
-        )
-    if radius is not None and ctx.needs_input_grad[2]:
-        grad_radius = grad_loss * dradius
-    return grad_logits, grad_target, grad_radius, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fastmargin::worst_of_k_ce_fwd",
-    _worst_of_k_ce_backward,
-    setup_context=_worst_of_k_ce_setup_context,
-)
+    return tuple(grad_loss.new_empty((0,)) if g is None else g for g in grads)
 
 
 # --- multiclass_margin ---------------------------------------------------------------------
