@@ -32,11 +32,11 @@ const c10::TypedOperatorHandle<FwdResult(const at::Tensor&, const at::Tensor&,
                                          const c10::optional<at::Tensor>&, double, double, int64_t,
                                          const c10::optional<at::Tensor>&)>&
 forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmargin::worst_of_k_ce_fwd", "")
-                             .typed<FwdResult(const at::Tensor&, const at::Tensor&,
-                                              const c10::optional<at::Tensor>&, double, double,
-                                              int64_t, const c10::optional<at::Tensor>&)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmargin::worst_of_k_ce_fwd", "")
+          .typed<FwdResult(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           double, double, int64_t, const c10::optional<at::Tensor>&)>();
   return op;
 }
 
@@ -56,10 +56,10 @@ backward_op() {
 // Defined from Python (fastmargin/_ops.py) when the package is imported, so looked up on first
 // use rather than at library load.
 using CompositeGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-const c10::TypedOperatorHandle<CompositeGrads(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, const at::Tensor&, double, double, int64_t, bool, bool,
-    bool)>&
+const c10::TypedOperatorHandle<CompositeGrads(const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const c10::optional<at::Tensor>&,
+                                              const c10::optional<at::Tensor>&, const at::Tensor&,
+                                              double, double, int64_t, bool, bool, bool)>&
 composite_backward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
