@@ -112,7 +112,12 @@ def _extension():
     include_dirs = [str(ROOT / "csrc" / "include")]
     # Sources relative to this file: setuptools refuses absolute paths when building wheels
     # (pip install, editable or not).
-    sources = ["csrc/ops.cpp"] + _sources("csrc/autograd/*.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = (
+        ["csrc/ops.cpp", "csrc/python/module.cpp"]
+        + _sources("csrc/autograd/*.cpp")
+        + _sources("csrc/composite/*.cpp")
+        + _sources("csrc/cpu/*.cpp")
+    )
     # torch adds the C++ standard it was built with. -fno-trapping-math lets gcc if-convert the
     # branch-free lane loops of cpu_vec_math.h into SIMD (it changes no NaN/inf semantics);
     # -fno-math-errno lets it vectorise sqrtf (the noise of cpu_noise.h: 3x faster), which

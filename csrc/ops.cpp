@@ -1,6 +1,6 @@
 // Every fastmargin op schema, in one place. Kernels register under TORCH_LIBRARY_IMPL in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and autograd live in fastmargin/_ops.py.
-#include <Python.h>
+// csrc/cpu/*.cpp and csrc/cuda/*.cu (composite ones in csrc/composite); fake (meta) kernels and
+// most autograd live in fastmargin/_ops.py, the worst-of-k cross-entropy's in csrc/autograd.
 #include <torch/library.h>
 
 #include "fastmargin/op_namespace.h"
@@ -27,6 +27,13 @@ TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
       "worst_of_k_ce_bwd_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
       "Tensor? radius, Tensor lse, Tensor weight, float label_smoothing, int ignore_index, "
       "Tensor? class_weight=None) -> ()");
+
+  // F.cross_entropy's 'mean' / 'sum' of per-sample losses (B,) for the target kind: class
+  // indices (B,) ('mean' over the samples whose target is not ignore_index, or over their class
+  // weights sum_b weight[target_b]), or probabilities ('mean' over B). Composite (ATen ops).
+  m.def(
+      "reduce_cross_entropy(Tensor per_sample, Tensor target, int ignore_index, str reduction, "
+      "Tensor? weight=None) -> Tensor");
 
   // --- multiclass margin ---
   // Margins m = z_y - max_{c != y} z_c of (N, C) logits (C >= 2, class dim contiguous), in
@@ -68,7 +75,3 @@ TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
   // The exact noise xi (n, k, c) float32 the two ops above use for this philox state (testing).
   m.def("weight_noise_normal(Tensor philox, int n, int k, int c) -> Tensor");
 }
-
-// A Python module named _C so `import fastmargin._C` loads the library (and its registrations).
-static struct PyModuleDef fastmargin_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastmargin_module); }

@@ -18,6 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import List, Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -156,8 +157,9 @@ def explain_load_failure(
     return "\n".join(lines)
 
 
-def load_extension() -> None:
-    """Import _C (which registers the ops), or raise ImportError naming the cause and the fix."""
+def load_extension() -> ModuleType:
+    """Import _C (which registers the ops) and return it, or raise ImportError naming the cause
+    and the fix."""
     import torch  # noqa: F401  (torch's libraries must be loaded before _C links against them)
 
     try:
@@ -183,3 +185,4 @@ def load_extension() -> None:
             RuntimeWarning,
             stacklevel=2,
         )
+    return module

@@ -19,7 +19,8 @@ import torch
 from . import _composite as comp
 from ._loader import load_extension
 
-load_extension()  # loading fastmargin._C registers the ops; a failure names its cause and fix
+# Loading fastmargin._C registers the ops; a failure names its cause and fix.
+extension = load_extension()
 ops = torch.ops.fastmargin
 
 

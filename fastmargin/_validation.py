@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from . import _fast_path
+
 _VALIDATE = os.environ.get("FASTMARGIN_VALIDATE", "1") not in ("0", "false", "False", "no")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -111,17 +113,26 @@ def check_class_target(
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     target = target.long()
     if validation_enabled() and target.numel() > 0 and has_values(target):
-        bad = (target < 0) | (target >= num_classes)
-        if ignore_index is not None:
-            bad &= target != ignore_index
-        if bool(bad.any()):
-            first = int(target[bad][0])
+        first = _first_out_of_range(target, num_classes, ignore_index)
+        if first is not None:
             allowed = "" if ignore_index is None else f" or target == ignore_index = {ignore_index}"
             raise IndexError(
                 f"target: value {first} is out of range for {num_classes} classes "
                 f"(expected 0 <= target < {num_classes}{allowed})"
             )
     return target
+
+
+def _first_out_of_range(
+    target: torch.Tensor, num_classes: int, ignore_index: int | None
+) -> int | None:
+    """The first int64 target outside [0, num_classes) that is not ``ignore_index``, or None."""
+    if target.device.type == "cpu" and _fast_path.available(target):
+        return _fast_path.first_bad_class_target(target, num_classes, ignore_index)
+    bad = (target < 0) | (target >= num_classes)  # one reduction and one host sync
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    return int(target[bad][0]) if bool(bad.any()) else None
 
 
 def check_logits(logits: object, ndim: int, layout: str) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Tuple, Union
 import torch
 
 from . import _ce_layout as layout
+from . import _fast_path as fast_path
 from . import _routes as routes
 from . import _target_checks as tc
 from . import _validation as v
@@ -136,6 +137,13 @@ def worst_of_k_cross_entropy(
     With ``temperature == 0`` the max is piecewise: every derivative is the selected copy's
     (ties to the lowest j). ``inplace_backward`` is first order only.
     """
+    if not inplace_backward and fast_path.available(logits, target, weight):
+        out = fast_path.worst_of_k_cross_entropy(
+            logits, target, dim, temperature, label_smoothing, ignore_index, reduction,
+            return_index, weight, loss_dtype(logits), v.validation_enabled(),
+        )  # fmt: skip
+        if out is not None:
+            return out
     rows = layout.rows(logits, target, dim)
     x, target = rows.x, rows.target
     B, k, C = x.shape
@@ -156,15 +164,34 @@ def worst_of_k_cross_entropy(
             loss = loss * float("nan")  # F.cross_entropy divides by numel / C = 0 / 0 here
     elif inplace_backward and _use_inplace_backward(logits, x, target, reduction):
         loss, index = _GradientIntoLogits.apply(x, reduction, *args)
+    elif fast_path.available(x, target, class_weight):
+        loss, index = fast_path.worst_of_k_ce_loss(
+            x, target, None, temperature, label_smoothing, ignore_index, class_weight,
+            reduction, loss_dtype(logits),
+        )  # fmt: skip
+        return _shaped(loss, index, rows.loss_shape, reduction, return_index)
     else:
         per_sample, _lse, _weight, index, _dr = routes.worst_of_k_ce_fwd(
             x, args[0], None, *args[1:]
         )
         loss = reduce_cross_entropy(per_sample, target, ignore_index, reduction, class_weight)
-    if reduction == "none":
-        loss = loss.reshape(rows.loss_shape)
     loss = loss.to(loss_dtype(logits))
-    return (loss, index.reshape(rows.loss_shape)) if return_index else loss
+    return _shaped(loss, index, rows.loss_shape, reduction, return_index)
+
+
+def _shaped(
+    loss: torch.Tensor,
+    index: torch.Tensor,
+    loss_shape: Tuple[int, ...],
+    reduction: str,
+    return_index: bool,
+) -> Union[torch.Tensor, LossAndIndex]:
+    """The per-sample results in the caller's sample shape (a no-op for (B,) samples)."""
+    if reduction == "none" and loss.shape != loss_shape:
+        loss = loss.reshape(loss_shape)
+    if not return_index:
+        return loss
+    return loss, index if index.shape == loss_shape else index.reshape(loss_shape)
 
 
 def _check_ignore_index_for_probabilities(ignore_index: int) -> None:

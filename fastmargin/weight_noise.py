@@ -29,7 +29,7 @@ from . import _validation as v
 from ._autocast import loss_dtype
 from ._heads_check import check_head_features, warn_outside_ddp_forward
 from ._ops import ops, stats_dtype
-from ._reduce import reduce_loss
+from ._reduce import reduce_cross_entropy
 from .modules import LossModule
 
 _INT64_MIN = -(2**63)
@@ -221,7 +221,7 @@ def weight_noise_worst_of_k_cross_entropy(
     per_sample, _lse, _weight, index = routes.weight_noise_ce_fwd(
         x, target, s, philox, k, temperature, label_smoothing, ignore_index
     )
-    loss = reduce_loss(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))
+    loss = reduce_cross_entropy(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))
     return (loss, index) if return_index else loss
 
 

@@ -16,12 +16,13 @@ from typing import Tuple, Union
 import torch
 from torch import nn
 
+from . import _fast_path as fast_path
 from . import _routes as routes
 from . import _validation as v
 from ._autocast import loss_dtype
 from ._heads_check import check_head_features, warn_outside_ddp_forward
 from ._ops import stats_dtype
-from ._reduce import reduce_loss
+from ._reduce import reduce_cross_entropy
 from .modules import LossModule
 
 Radius = Union[float, torch.Tensor]
@@ -100,10 +101,17 @@ def weight_robust_cross_entropy(
     v.check_reduction(reduction)
     target = v.check_class_target(target, N, C, ignore_index, logits)
     r = _radius_tensor(radius, N, logits)
+    rows = x.unsqueeze(1)
+    if fast_path.available(rows, target, r):
+        loss, _index = fast_path.worst_of_k_ce_loss(
+            rows, target, r, 0.0, label_smoothing, ignore_index, None, reduction,
+            loss_dtype(logits),
+        )  # fmt: skip
+        return loss
     per_sample, _lse, _weight, _index, _dr = routes.worst_of_k_ce_fwd(
-        x.unsqueeze(1), target, r, 0.0, label_smoothing, ignore_index
+        rows, target, r, 0.0, label_smoothing, ignore_index
     )
-    return reduce_loss(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))
+    return reduce_cross_entropy(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))
 
 
 def dual_exponent(p: float) -> float:

@@ -1,24 +1,35 @@
-// Reverse-mode autograd of fastmargin::worst_of_k_ce_fwd, registered in C++ on the Autograd key
-// (CPU and CUDA alike).
+// Reverse-mode autograd of the worst-of-k cross-entropy, in C++: the Autograd kernel of
+// fastmargin::worst_of_k_ce_fwd (CPU and CUDA alike), and the reduced loss of the eager fast path
+// (fastmargin/_fast_path.py, csrc/python/module.cpp) as one node.
 //
 // Why C++: a backward registered from Python (torch.library.register_autograd) costs about
 // 100 us per forward + backward on the host (the Python autograd kernel, its argument
 // normalisation and the Python node in the engine), more than the whole F.cross_entropy step on
-// small batches. Here the node is a C++ node; torch.compile traces it as it traces any C++
-// autograd kernel (the forward and backward ops it calls have fake kernels in
-// fastmargin/_ops.py), and opcheck sees an Autograd registration.
+// small batches. torch.compile traces this node as it traces any C++ autograd kernel (the ops it
+// calls have fake kernels in fastmargin/_ops.py), and opcheck sees an Autograd registration.
+//
+// One node also covers F.cross_entropy's 'mean' / 'sum' reduction for the fast path: the forward
+// reduces with the same function as fastmargin::reduce_cross_entropy, and the backward turns the
+// scalar's gradient into the per-sample one exactly as autograd of that reduction would
+// (g / divisor, broadcast over the samples), saving two nodes and their host time.
 //
 // First order (grad mode off while the backward runs: every .backward() and compiled graph)
 // calls the fused backward op. With create_graph=True the gradient must itself be
 // differentiable, so the backward calls fastmargin::worst_of_k_ce_bwd_composite instead: an op
 // whose kernel (CompositeImplicitAutograd, registered in fastmargin/_ops.py) differentiates the
 // op's composite PyTorch form, so autograd records every step of it.
+#include "fastmargin/worst_of_k_ce_autograd.h"
+
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Reduction.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
+
+#include "fastmargin/op_handles.h"
+#include "fastmargin/reduce_cross_entropy.h"
 
 namespace fastmargin {
 namespace {
@@ -26,47 +37,17 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-const c10::TypedOperatorHandle<FwdResult(const at::Tensor&, const at::Tensor&,
-                                         const c10::optional<at::Tensor>&, double, double, int64_t,
-                                         const c10::optional<at::Tensor>&)>&
-forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastmargin::worst_of_k_ce_fwd", "")
-          .typed<FwdResult(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                           double, double, int64_t, const c10::optional<at::Tensor>&)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<at::Tensor(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, double, int64_t, const c10::optional<at::Tensor>&)>&
-backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastmargin::worst_of_k_ce_bwd", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                            double, int64_t, const c10::optional<at::Tensor>&)>();
-  return op;
-}
-
 // Defined from Python (fastmargin/_ops.py) when the package is imported, so looked up on first
 // use rather than at library load.
 using CompositeGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-const c10::TypedOperatorHandle<CompositeGrads(const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, const c10::optional<at::Tensor>&,
-                                              const c10::optional<at::Tensor>&, const at::Tensor&,
-                                              double, double, int64_t, bool, bool, bool)>&
-composite_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastmargin::worst_of_k_ce_bwd_composite", "")
-          .typed<CompositeGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                                const at::Tensor&, double, double, int64_t, bool, bool, bool)>();
+using CompositeSignature = CompositeGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const c10::optional<at::Tensor>&,
+                                          const c10::optional<at::Tensor>&, const at::Tensor&,
+                                          double, double, int64_t, bool, bool, bool);
+const c10::TypedOperatorHandle<CompositeSignature>& composite_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastmargin::worst_of_k_ce_bwd_composite", "")
+                             .typed<CompositeSignature>();
   return op;
 }
 
@@ -89,32 +70,127 @@ at::Tensor soft_target_grad(const at::Tensor& grad_loss, const at::Tensor& logit
   return g.to(target.scalar_type());
 }
 
+// The divisor of 'mean' (see reduce_cross_entropy.h): the batch size B for probability targets.
+// Counted on the host where that is cheaper than three small ATen ops: CPU class indices without
+// class weights (one pass over B integers). This runs only for the reduced loss of the eager
+// fast path, whose tensors are plain (no fake tensors or subclasses: fastmargin/_fast_path.py).
+// Either way the division is the same float division as reduce_cross_entropy's.
+c10::Scalar host_divisor(const at::Tensor& target, int64_t ignore_index) {
+  if (target.is_floating_point()) return c10::Scalar(target.size(0));
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  const int64_t n = target.size(0), stride = target.stride(0);
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += y[i * stride] != ignore_index;
+  return c10::Scalar(count);
+}
+
+bool divisor_on_host(const at::Tensor& target, const c10::optional<at::Tensor>& class_weight) {
+  return target.is_floating_point() || (target.device().is_cpu() && !class_weight.has_value() &&
+                                        target.scalar_type() == at::kLong);
+}
+
+// The (B, k, C) rows of logits in `layout` (a view; see worst_of_k_ce_autograd.h), and a
+// gradient of the rows back in the logits' layout (a view too). Inside the node, so that no view
+// node of its own is recorded: one node per loss.
+at::Tensor rows_of(const at::Tensor& logits, int64_t layout) {
+  if (layout == kCopiesFirst) return logits.transpose(0, 1);
+  if (layout == kOneCopy) return logits.unsqueeze(1);
+  return logits;
+}
+
+at::Tensor grad_in_layout(const at::Tensor& grad_rows, int64_t layout) {
+  if (layout == kCopiesFirst) return grad_rows.transpose(0, 1);
+  if (layout == kOneCopy) return grad_rows.squeeze(1);
+  return grad_rows;
+}
+
+// F.cross_entropy's reduction of the per-sample losses (as fastmargin::reduce_cross_entropy
+// computes it). The divisor of 'mean' is returned in *divisor when it lives on the device, or
+// kept in ctx->saved_data["divisor"] when counted on the host.
+at::Tensor reduce_forward(AutogradContext* ctx, const at::Tensor& per_sample,
+                          const at::Tensor& target, int64_t ignore_index,
+                          const c10::optional<at::Tensor>& class_weight, int64_t reduction,
+                          at::Tensor* divisor) {
+  if (reduction == at::Reduction::Sum) return per_sample.sum();
+  if (!divisor_on_host(target, class_weight)) {
+    *divisor = index_target_normaliser(target, ignore_index, class_weight);
+    return per_sample.sum() / *divisor;
+  }
+  const c10::Scalar count = host_divisor(target, ignore_index);
+  ctx->saved_data["divisor"] = count;
+  // On the CPU, mean() is sum() followed by this same division, in one op instead of two.
+  if (per_sample.device().is_cpu() && count.toLong() == per_sample.size(0)) {
+    return per_sample.mean();
+  }
+  return per_sample.sum() / count;
+}
+
+// The per-sample gradient (B,) for the reduced loss's gradient g: g / divisor ('mean') or g
+// ('sum') for every sample, as autograd of sum() and of the division computes it.
+at::Tensor reduce_backward(AutogradContext* ctx, const at::Tensor& grad, int64_t batch,
+                           const at::Tensor& divisor) {
+  const auto host = ctx->saved_data.find("divisor");
+  const bool host_count = host != ctx->saved_data.end();
+  if (!divisor.defined() && grad.device().is_cpu() && !at::GradMode::is_enabled()) {
+    // First order on the CPU: the same float division done once on the host, then one fill,
+    // instead of a division, an expand and a copy as ATen ops.
+    return AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "worst_of_k_reduce_backward", [&] {
+      scalar_t g = *grad.const_data_ptr<scalar_t>();
+      if (host_count) g = g / static_cast<scalar_t>(host->second.toScalar().toLong());
+      return at::full({batch}, g, grad.options());
+    });
+  }
+  at::Tensor g = grad;
+  if (divisor.defined()) g = g / divisor;
+  if (host_count) g = g / host->second.toScalar();
+  return g.expand({batch});
+}
+
 struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntropy> {
+  // Outputs: the op's five (loss, lse, weight, index, dradius) for reduction None; else the 0-d
+  // reduced loss and the index.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
                                const at::Tensor& target, const c10::optional<at::Tensor>& radius,
                                double temperature, double label_smoothing, int64_t ignore_index,
-                               const c10::optional<at::Tensor>& class_weight) {
+                               const c10::optional<at::Tensor>& class_weight, int64_t reduction,
+                               int64_t layout) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, lse, weight, index, dradius] = forward_op().call(
-        logits, target, radius, temperature, label_smoothing, ignore_index, class_weight);
+    auto [loss, lse, weight, index, dradius] =
+        worst_of_k_ce_fwd_op().call(rows_of(logits, layout), target, radius, temperature,
+                                    label_smoothing, ignore_index, class_weight);
+    at::Tensor divisor;  // 'mean' over an on-device divisor (else saved_data["divisor"])
+    if (reduction != at::Reduction::None) {
+      loss = reduce_forward(ctx, loss, target, ignore_index, class_weight, reduction, &divisor);
+    }
     ctx->save_for_backward({logits, target, radius.value_or(at::Tensor()), lse, weight, dradius,
-                            class_weight.value_or(at::Tensor()), index});
+                            class_weight.value_or(at::Tensor()), index, divisor});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->mark_non_differentiable({lse, weight, index, dradius});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["layout"] = layout;
     ctx->set_materialize_grads(false);  // no zero-filled gradients for the statistics outputs
+    if (reduction != at::Reduction::None) {
+      // The reduced loss keeps the statistics internal: fewer outputs to wrap, and saved
+      // tensors that are not outputs unpack without a new tensor each.
+      ctx->mark_non_differentiable({index});
+      return {loss, index};
+    }
+    ctx->mark_non_differentiable({lse, weight, index, dradius});
     return {loss, lse, weight, index, dradius};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(7);  // one per forward argument; undefined = no gradient
+    variable_list out(9);  // one per forward argument; undefined = no gradient
     at::Tensor grad_loss = grads[0];
     if (!grad_loss.defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &logits = saved[0], &target = saved[1], &radius = saved[2], &lse = saved[3],
-                     &weight = saved[4], &dradius = saved[5], &class_weight = saved[6],
-                     &index = saved[7];
+    const int64_t layout = ctx->saved_data["layout"].toInt();
+    // The rows of the logits as saved (with create_graph=True a differentiable view of them).
+    const at::Tensor logits = rows_of(saved[0], layout);
+    const at::Tensor &target = saved[1], &radius = saved[2], &lse = saved[3], &weight = saved[4],
+                     &dradius = saved[5], &class_weight = saved[6], &index = saved[7],
+                     &divisor = saved[8];
     const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const bool need_logits = ctx->needs_input_grad(0);
@@ -122,20 +198,29 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     // Gradient edges exist for tensor arguments only: radius is edge 2 when it is given.
     const bool need_radius = radius.defined() && ctx->needs_input_grad(2);
 
+    if (ctx->saved_data["reduction"].toInt() != at::Reduction::None) {
+      grad_loss = reduce_backward(ctx, grad_loss, lse.size(0), divisor);
+    }
+
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient
       auto [g_logits, g_target, g_radius] = composite_backward_op().call(
           grad_loss, logits, target, optional_of(radius), optional_of(class_weight), index,
           ctx->saved_data["temperature"].toDouble(), label_smoothing, ignore_index, need_logits,
           need_target, need_radius);
-      if (need_logits) out[0] = g_logits;
+      if (need_logits) out[0] = grad_in_layout(g_logits, layout);
       if (need_target) out[1] = g_target;
       if (need_radius) out[2] = g_radius;
       return out;
     }
     grad_loss = grad_loss.to(lse.scalar_type()).contiguous();
+    // Grad mode is off here: skip the Autograd key's fallback for the backward op (it has no
+    // autograd of its own) and call the kernel directly.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     if (need_logits) {
-      out[0] = backward_op().call(grad_loss, logits, target, optional_of(radius), lse, weight,
-                                  label_smoothing, ignore_index, optional_of(class_weight));
+      out[0] = grad_in_layout(
+          worst_of_k_ce_bwd_op().call(grad_loss, logits, target, optional_of(radius), lse, weight,
+                                      label_smoothing, ignore_index, optional_of(class_weight)),
+          layout);
     }
     if (need_target) {
       out[1] =
@@ -146,16 +231,27 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
   }
 };
 
-FwdResult worst_of_k_ce_fwd_autograd(const at::Tensor& logits, const at::Tensor& target,
-                                     const c10::optional<at::Tensor>& radius, double temperature,
-                                     double label_smoothing, int64_t ignore_index,
-                                     const c10::optional<at::Tensor>& class_weight) {
+WorstOfKFwdResult worst_of_k_ce_fwd_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                             const c10::optional<at::Tensor>& radius,
+                                             double temperature, double label_smoothing,
+                                             int64_t ignore_index,
+                                             const c10::optional<at::Tensor>& class_weight) {
   auto r = WorstOfKCrossEntropy::apply(logits, target, radius, temperature, label_smoothing,
-                                       ignore_index, class_weight);
+                                       ignore_index, class_weight, int64_t{at::Reduction::None},
+                                       int64_t{kRowsAsGiven});
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> worst_of_k_ce_loss(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& radius,
+    double temperature, double label_smoothing, int64_t ignore_index,
+    const c10::optional<at::Tensor>& class_weight, int64_t reduction, int64_t layout) {
+  auto r = WorstOfKCrossEntropy::apply(logits, target, radius, temperature, label_smoothing,
+                                       ignore_index, class_weight, reduction, layout);
+  return {r[0], r[reduction == at::Reduction::None ? 3 : 1]};
+}
 
 TORCH_LIBRARY_IMPL(fastmargin, Autograd, m) {
   m.impl("worst_of_k_ce_fwd", &worst_of_k_ce_fwd_autograd);

@@ -1,0 +1,39 @@
+// Typed dispatcher handles of the worst-of-k cross-entropy ops, for C++ code that calls them
+// through the dispatcher (the C++ autograd node, the fast eager entry), so that every dispatch
+// key (Autograd, CPU, CUDA, Python modes) sees the call. Looked up once, on first use.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace fastmargin {
+
+using WorstOfKFwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using WorstOfKFwdSignature = WorstOfKFwdResult(const at::Tensor&, const at::Tensor&,
+                                               const c10::optional<at::Tensor>&, double, double,
+                                               int64_t, const c10::optional<at::Tensor>&);
+using WorstOfKBwdSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const c10::optional<at::Tensor>&, const at::Tensor&,
+                                        const at::Tensor&, double, int64_t,
+                                        const c10::optional<at::Tensor>&);
+
+// fastmargin::worst_of_k_ce_fwd (csrc/ops.cpp has the schema and its meaning).
+inline const c10::TypedOperatorHandle<WorstOfKFwdSignature>& worst_of_k_ce_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastmargin::worst_of_k_ce_fwd", "")
+                             .typed<WorstOfKFwdSignature>();
+  return op;
+}
+
+// fastmargin::worst_of_k_ce_bwd.
+inline const c10::TypedOperatorHandle<WorstOfKBwdSignature>& worst_of_k_ce_bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastmargin::worst_of_k_ce_bwd", "")
+                             .typed<WorstOfKBwdSignature>();
+  return op;
+}
+
+}  // namespace fastmargin
