@@ -337,3 +337,20 @@ def test_weight_robust_fast_path_equals_op_path(reduction):
         results.append((loss, *torch.autograd.grad(loss, (x, r), g_out)))
     for fast, slow in zip(*results):
         torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_compiled_autograd_runs_the_node(fast):
+    """Compiled autograd (a compiled backward of an eager forward) takes the C++ node on both
+    paths: it supports no mark_non_differentiable, so the node has no such outputs."""
+    from torch._dynamo import compiled_autograd
+
+    x = torch.randn(8, 3, 10, requires_grad=True)
+    y = torch.randint(0, 10, (8,))
+    y[0] = -100
+    want = torch.autograd.grad(fm.worst_of_k_cross_entropy(x, y, dim=1), x)[0]
+    x.grad = None
+    with contextlib.nullcontext() if fast else general_path():
+        with compiled_autograd._enable(lambda gm: torch.compile(gm, backend="eager")):
+            fm.worst_of_k_cross_entropy(x, y, dim=1).backward()
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)

@@ -70,23 +70,24 @@ at::Tensor soft_target_grad(const at::Tensor& grad_loss, const at::Tensor& logit
   return g.to(target.scalar_type());
 }
 
-// The divisor of 'mean' (see reduce_cross_entropy.h): the batch size B for probability targets.
-// Counted on the host where that is cheaper than three small ATen ops: CPU class indices without
-// class weights (one pass over B integers). This runs only for the reduced loss of the eager
-// fast path, whose tensors are plain (no fake tensors or subclasses: fastmargin/_fast_path.py).
-// Either way the division is the same float division as reduce_cross_entropy's.
-c10::Scalar host_divisor(const at::Tensor& target, int64_t ignore_index) {
-  if (target.is_floating_point()) return c10::Scalar(target.size(0));
+// The divisor of 'mean' (see reduce_cross_entropy.h) as a 0-d tensor: the batch size B for
+// probability targets, else the number of samples not ignored (or their class weights). CPU
+// class indices without class weights are counted on the host, one pass over B integers, which
+// is cheaper than the three small ATen ops of the general form. This runs only for the reduced
+// loss of the eager fast path, whose tensors are plain (no fake tensors or subclasses:
+// fastmargin/_fast_path.py).
+at::Tensor mean_divisor(const at::Tensor& target, int64_t ignore_index,
+                        const c10::optional<at::Tensor>& class_weight) {
+  const auto as_long = target.options().dtype(at::kLong);
+  if (target.is_floating_point()) return at::scalar_tensor(target.size(0), as_long);
+  if (!target.device().is_cpu() || class_weight.has_value()) {
+    return index_target_normaliser(target, ignore_index, class_weight);
+  }
   const int64_t* y = target.const_data_ptr<int64_t>();
   const int64_t n = target.size(0), stride = target.stride(0);
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) count += y[i * stride] != ignore_index;
-  return c10::Scalar(count);
-}
-
-bool divisor_on_host(const at::Tensor& target, const c10::optional<at::Tensor>& class_weight) {
-  return target.is_floating_point() || (target.device().is_cpu() && !class_weight.has_value() &&
-                                        target.scalar_type() == at::kLong);
+  return at::scalar_tensor(count, as_long);
 }
 
 // The (B, k, C) rows of logits in `layout` (a view; see worst_of_k_ce_autograd.h), and a
@@ -105,62 +106,58 @@ at::Tensor grad_in_layout(const at::Tensor& grad_rows, int64_t layout) {
 }
 
 // F.cross_entropy's reduction of the per-sample losses (as fastmargin::reduce_cross_entropy
-// computes it). The divisor of 'mean' is returned in *divisor when it lives on the device, or
-// kept in ctx->saved_data["divisor"] when counted on the host.
-at::Tensor reduce_forward(AutogradContext* ctx, const at::Tensor& per_sample,
-                          const at::Tensor& target, int64_t ignore_index,
-                          const c10::optional<at::Tensor>& class_weight, int64_t reduction,
-                          at::Tensor* divisor) {
+// computes it); *divisor is set for 'mean'.
+at::Tensor reduce_forward(const at::Tensor& per_sample, const at::Tensor& target,
+                          int64_t ignore_index, const c10::optional<at::Tensor>& class_weight,
+                          int64_t reduction, at::Tensor* divisor) {
   if (reduction == at::Reduction::Sum) return per_sample.sum();
-  if (!divisor_on_host(target, class_weight)) {
-    *divisor = index_target_normaliser(target, ignore_index, class_weight);
-    return per_sample.sum() / *divisor;
-  }
-  const c10::Scalar count = host_divisor(target, ignore_index);
-  ctx->saved_data["divisor"] = count;
+  *divisor = mean_divisor(target, ignore_index, class_weight);
   // On the CPU, mean() is sum() followed by this same division, in one op instead of two.
-  if (per_sample.device().is_cpu() && count.toLong() == per_sample.size(0)) {
+  if (divisor->device().is_cpu() && divisor->scalar_type() == at::kLong &&
+      divisor->const_data_ptr<int64_t>()[0] == per_sample.size(0)) {
     return per_sample.mean();
   }
-  return per_sample.sum() / count;
+  return per_sample.sum() / *divisor;
 }
 
 // The per-sample gradient (B,) for the reduced loss's gradient g: g / divisor ('mean') or g
 // ('sum') for every sample, as autograd of sum() and of the division computes it.
-at::Tensor reduce_backward(AutogradContext* ctx, const at::Tensor& grad, int64_t batch,
-                           const at::Tensor& divisor) {
-  const auto host = ctx->saved_data.find("divisor");
-  const bool host_count = host != ctx->saved_data.end();
-  if (!divisor.defined() && grad.device().is_cpu() && !at::GradMode::is_enabled()) {
+at::Tensor reduce_backward(const at::Tensor& grad, int64_t batch, const at::Tensor& divisor) {
+  const bool count = !divisor.defined() || divisor.scalar_type() == at::kLong;
+  if (count && grad.device().is_cpu() && (!divisor.defined() || divisor.device().is_cpu()) &&
+      !at::GradMode::is_enabled()) {
     // First order on the CPU: the same float division done once on the host, then one fill,
     // instead of a division, an expand and a copy as ATen ops.
     return AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "worst_of_k_reduce_backward", [&] {
       scalar_t g = *grad.const_data_ptr<scalar_t>();
-      if (host_count) g = g / static_cast<scalar_t>(host->second.toScalar().toLong());
+      if (divisor.defined()) g = g / static_cast<scalar_t>(divisor.const_data_ptr<int64_t>()[0]);
       return at::full({batch}, g, grad.options());
     });
   }
-  at::Tensor g = grad;
-  if (divisor.defined()) g = g / divisor;
-  if (host_count) g = g / host->second.toScalar();
-  return g.expand({batch});
+  return (divisor.defined() ? grad / divisor : grad).expand({batch});
 }
 
+// The op's per-row statistics, handed out of the autograd Function beside its outputs: they
+// are not differentiable, and returning them as outputs would need mark_non_differentiable,
+// which compiled autograd does not support.
+struct Statistics {
+  at::Tensor lse, weight, dradius;
+};
+
 struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntropy> {
-  // Outputs: the op's five (loss, lse, weight, index, dradius) for reduction None; else the 0-d
-  // reduced loss and the index.
+  // Outputs: (loss, index); the loss per sample for reduction None, else the 0-d reduced loss.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
                                const at::Tensor& target, const c10::optional<at::Tensor>& radius,
                                double temperature, double label_smoothing, int64_t ignore_index,
                                const c10::optional<at::Tensor>& class_weight, int64_t reduction,
-                               int64_t layout) {
+                               int64_t layout, Statistics* statistics) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, lse, weight, index, dradius] =
         worst_of_k_ce_fwd_op().call(rows_of(logits, layout), target, radius, temperature,
                                     label_smoothing, ignore_index, class_weight);
-    at::Tensor divisor;  // 'mean' over an on-device divisor (else saved_data["divisor"])
+    at::Tensor divisor;  // set for 'mean'
     if (reduction != at::Reduction::None) {
-      loss = reduce_forward(ctx, loss, target, ignore_index, class_weight, reduction, &divisor);
+      loss = reduce_forward(loss, target, ignore_index, class_weight, reduction, &divisor);
     }
     ctx->save_for_backward({logits, target, radius.value_or(at::Tensor()), lse, weight, dradius,
                             class_weight.value_or(at::Tensor()), index, divisor});
@@ -170,18 +167,15 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["layout"] = layout;
     ctx->set_materialize_grads(false);  // no zero-filled gradients for the statistics outputs
-    if (reduction != at::Reduction::None) {
-      // The reduced loss keeps the statistics internal: fewer outputs to wrap, and saved
-      // tensors that are not outputs unpack without a new tensor each.
-      ctx->mark_non_differentiable({index});
-      return {loss, index};
-    }
-    ctx->mark_non_differentiable({lse, weight, index, dradius});
-    return {loss, lse, weight, index, dradius};
+    // Outputs: the loss and the (integer, so never differentiable) index. The statistics are
+    // saved tensors, not outputs (fewer outputs to wrap; saved non-outputs unpack without a new
+    // tensor each), and are handed to the op's Autograd kernel through *statistics.
+    if (statistics != nullptr) *statistics = {lse, weight, dradius};
+    return {loss, index};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(9);  // one per forward argument; undefined = no gradient
+    variable_list out(10);  // one per forward argument; undefined = no gradient
     at::Tensor grad_loss = grads[0];
     if (!grad_loss.defined()) return out;
     const auto saved = ctx->get_saved_variables();
@@ -199,7 +193,7 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     const bool need_radius = radius.defined() && ctx->needs_input_grad(2);
 
     if (ctx->saved_data["reduction"].toInt() != at::Reduction::None) {
-      grad_loss = reduce_backward(ctx, grad_loss, lse.size(0), divisor);
+      grad_loss = reduce_backward(grad_loss, lse.size(0), divisor);
     }
 
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient
@@ -236,10 +230,11 @@ WorstOfKFwdResult worst_of_k_ce_fwd_autograd(const at::Tensor& logits, const at:
                                              double temperature, double label_smoothing,
                                              int64_t ignore_index,
                                              const c10::optional<at::Tensor>& class_weight) {
+  Statistics stats;
   auto r = WorstOfKCrossEntropy::apply(logits, target, radius, temperature, label_smoothing,
                                        ignore_index, class_weight, int64_t{at::Reduction::None},
-                                       int64_t{kRowsAsGiven});
-  return {r[0], r[1], r[2], r[3], r[4]};
+                                       int64_t{kRowsAsGiven}, &stats);
+  return {r[0], stats.lse, stats.weight, r[1], stats.dradius};
 }
 
 }  // namespace
@@ -249,8 +244,9 @@ std::tuple<at::Tensor, at::Tensor> worst_of_k_ce_loss(
     double temperature, double label_smoothing, int64_t ignore_index,
     const c10::optional<at::Tensor>& class_weight, int64_t reduction, int64_t layout) {
   auto r = WorstOfKCrossEntropy::apply(logits, target, radius, temperature, label_smoothing,
-                                       ignore_index, class_weight, reduction, layout);
-  return {r[0], r[reduction == at::Reduction::None ? 3 : 1]};
+                                       ignore_index, class_weight, reduction, layout,
+                                       static_cast<Statistics*>(nullptr));
+  return {r[0], r[1]};
 }
 
 TORCH_LIBRARY_IMPL(fastmargin, Autograd, m) {
