@@ -32,6 +32,11 @@ from ._ops import extension as _C
 worst_of_k_cross_entropy = _C.worst_of_k_cross_entropy
 worst_of_k_ce_loss = _C.worst_of_k_ce_loss
 first_bad_class_target = _C.first_bad_class_target
+first_negative_or_nonfinite = _C.first_negative_or_nonfinite
+
+# How worst_of_k_ce_loss reads the rows from the logits (csrc/include/fastmargin/
+# worst_of_k_ce_autograd.h): as given (B, k, C), copies first (k, B, C), or (N, C) with k = 1.
+ROWS, COPIES_FIRST, ONE_COPY = 0, 1, 2
 
 _len_dispatch_modes = torch._C._len_torch_dispatch_stack
 _len_function_modes = torch._C._len_torch_function_stack

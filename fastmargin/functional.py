@@ -167,7 +167,7 @@ def worst_of_k_cross_entropy(
     elif fast_path.available(x, target, class_weight):
         loss, index = fast_path.worst_of_k_ce_loss(
             x, target, None, temperature, label_smoothing, ignore_index, class_weight,
-            reduction, loss_dtype(logits),
+            reduction, loss_dtype(logits), fast_path.ROWS,
         )  # fmt: skip
         return _shaped(loss, index, rows.loss_shape, reduction, return_index)
     else:

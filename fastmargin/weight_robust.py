@@ -43,14 +43,23 @@ def _radius_tensor(radius: Radius, batch: int, logits: torch.Tensor) -> torch.Te
             f"radius: expected a float, a 0-d tensor or shape ({batch},), "
             f"got shape {tuple(radius.shape)}"
         )
+    radius = radius.to(f)
     if v.validation_enabled() and radius.numel() > 0 and v.has_values(radius):
-        bad = ~(torch.isfinite(radius) & (radius >= 0))
-        if bool(bad.any()):
+        first = _first_negative_or_nonfinite(radius)
+        if first is not None:
             raise ValueError(
-                f"radius: expected finite values >= 0, got {float(radius[bad][0])} "
-                f"(at index {int(bad.nonzero()[0, 0])})"
+                f"radius: expected finite values >= 0, got {float(radius[first])} "
+                f"(at index {first})"
             )
-    return radius.to(f)
+    return radius
+
+
+def _first_negative_or_nonfinite(radius: torch.Tensor) -> int | None:
+    """The index of the first radius that is negative, NaN or infinite, or None."""
+    if radius.device.type == "cpu" and fast_path.available(radius):
+        return fast_path.first_negative_or_nonfinite(radius)
+    bad = ~(torch.isfinite(radius) & (radius >= 0))  # one reduction and one host sync
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
 def weight_robust_cross_entropy(
@@ -101,15 +110,14 @@ def weight_robust_cross_entropy(
     v.check_reduction(reduction)
     target = v.check_class_target(target, N, C, ignore_index, logits)
     r = _radius_tensor(radius, N, logits)
-    rows = x.unsqueeze(1)
-    if fast_path.available(rows, target, r):
+    if fast_path.available(x, target, r):
         loss, _index = fast_path.worst_of_k_ce_loss(
-            rows, target, r, 0.0, label_smoothing, ignore_index, None, reduction,
-            loss_dtype(logits),
+            x, target, r, 0.0, label_smoothing, ignore_index, None, reduction,
+            loss_dtype(logits), fast_path.ONE_COPY,
         )  # fmt: skip
         return loss
     per_sample, _lse, _weight, _index, _dr = routes.worst_of_k_ce_fwd(
-        rows, target, r, 0.0, label_smoothing, ignore_index
+        x.unsqueeze(1), target, r, 0.0, label_smoothing, ignore_index
     )
     return reduce_cross_entropy(per_sample, target, ignore_index, reduction).to(loss_dtype(logits))
 

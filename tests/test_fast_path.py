@@ -315,7 +315,7 @@ def test_gradient_penalty_matches_cross_entropy():
 def test_the_entries_refuse_wrong_arguments():
     with pytest.raises(TypeError, match="expected 11 arguments"):
         _fast_path.worst_of_k_cross_entropy(torch.randn(2, 3))
-    with pytest.raises(TypeError, match="expected 9 arguments"):
+    with pytest.raises(TypeError, match="expected 10 arguments"):
         _fast_path.worst_of_k_ce_loss(torch.randn(2, 3))
     with pytest.raises(RuntimeError, match="1-D int64 CPU tensor"):
         _fast_path.first_bad_class_target(torch.zeros(2, 2, dtype=torch.long), 3, None)
@@ -354,3 +354,23 @@ def test_compiled_autograd_runs_the_node(fast):
         with compiled_autograd._enable(lambda gm: torch.compile(gm, backend="eager")):
             fm.worst_of_k_cross_entropy(x, y, dim=1).backward()
     torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+
+
+def test_first_negative_or_nonfinite():
+    find = _fast_path.first_negative_or_nonfinite
+    assert find(torch.tensor([0.0, 1.0, 2.0])) is None
+    assert find(torch.tensor([0.0, -0.5, float("nan")])) == 1
+    assert find(torch.tensor([0.0, 1.0, float("inf")], dtype=torch.float64)) == 2
+    assert find(torch.tensor([1.0, 9.0, float("nan")])[::2]) == 1  # strided
+    assert find(torch.tensor(2.0).expand(5)) is None
+    with pytest.raises(RuntimeError, match="1-D float32 or float64 CPU tensor"):
+        find(torch.tensor([1, 2]))
+
+
+def test_radius_errors_name_the_first_bad_value():
+    x = torch.randn(4, 3)
+    y = torch.tensor([0, 1, 2, 0])
+    for bad, shown in ((-0.5, "-0.5"), (float("nan"), "nan"), (float("inf"), "inf")):
+        r = torch.tensor([0.1, 0.2, bad, 0.3])
+        with pytest.raises(ValueError, match=rf"got {shown} \(at index 2\)"):
+            fm.weight_robust_cross_entropy(x, y, r)

@@ -8,10 +8,15 @@
 //     every index is ignored or a class; ignore_index None: no value is ignored), for a CPU
 //     int64 tensor: one pass, no temporaries. The error message is built in Python.
 //
-//   worst_of_k_ce_loss(rows, target, radius, temperature, label_smoothing, ignore_index,
-//                      class_weight, reduction, dtype) -> (loss, index)
-//     For arguments the Python layer has checked: the loss of (B, k, C) rows with its reduction
-//     as one C++ autograd node (csrc/autograd), in `dtype`.
+//   worst_of_k_ce_loss(logits, target, radius, temperature, label_smoothing, ignore_index,
+//                      class_weight, reduction, dtype, layout) -> (loss, index)
+//     For arguments the Python layer has checked: the loss of the rows of `logits` in `layout`
+//     (fastmargin::RowsLayout: 0 (B, k, C), 1 (k, B, C), 2 (N, C)) with its reduction as one
+//     C++ autograd node (csrc/autograd), in `dtype`.
+//
+//   first_negative_or_nonfinite(values) -> int | None
+//     The index of the first element of a 1-D floating CPU tensor that is negative, NaN or
+//     infinite (a radius or scale that must be finite and >= 0), or None.
 //
 //   worst_of_k_cross_entropy(logits, target, dim, temperature, label_smoothing, ignore_index,
 //                            reduction, return_index, weight, dtype, validate)
@@ -27,6 +32,7 @@
 // microsecond. Errors raised by ATen come back as the matching Python exceptions.
 #include <Python.h>
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/Reduction.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
@@ -145,14 +151,41 @@ PyObject* first_bad_class_target(PyObject* /*module*/, PyObject* const* args, Py
 
 PyObject* worst_of_k_ce_loss(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_arg_count(nargs, 9, "worst_of_k_ce_loss");
+  check_arg_count(nargs, 10, "worst_of_k_ce_loss");
   const int64_t reduction = reduction_code(args[7]);
   TORCH_CHECK_VALUE(reduction >= 0, "reduction: expected 'mean', 'sum' or 'none'");
+  const int64_t layout = int_arg(args[9]);
+  TORCH_CHECK_VALUE(layout >= fastmargin::kRowsAsGiven && layout <= fastmargin::kOneCopy,
+                    "layout: expected 0, 1 or 2");
   auto [loss, index] = loss_in_dtype(
-      tensor_arg(args[0], "logits"), fastmargin::kRowsAsGiven, tensor_arg(args[1], "target"),
+      tensor_arg(args[0], "logits"), layout, tensor_arg(args[1], "target"),
       optional_tensor_arg(args[2], "radius"), float_arg(args[3]), float_arg(args[4]),
       int_arg(args[5]), optional_tensor_arg(args[6], "weight"), reduction, dtype_arg(args[8]));
   return pair(std::move(loss), std::move(index));
+  END_HANDLE_TH_ERRORS
+}
+
+// --- first_negative_or_nonfinite ----------------------------------------------------------------
+
+PyObject* first_negative_or_nonfinite(PyObject* /*module*/, PyObject* const* args,
+                                      Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_arg_count(nargs, 1, "first_negative_or_nonfinite");
+  const at::Tensor& values = tensor_arg(args[0], "values");
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 &&
+                  (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble),
+              "first_negative_or_nonfinite: expected a 1-D float32 or float64 CPU tensor");
+  const int64_t found = AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "first_bad", [&] {
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const int64_t n = values.size(0), stride = values.stride(0);
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t x = v[i * stride];
+      if (!(std::isfinite(x) && x >= 0)) return i;
+    }
+    return int64_t{-1};
+  });
+  if (found >= 0) return PyLong_FromLongLong(found);
+  Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
@@ -259,7 +292,9 @@ PyMethodDef methods[] = {
     {"first_bad_class_target", reinterpret_cast<PyCFunction>(first_bad_class_target), METH_FASTCALL,
      "The first out-of-range class-index target of a CPU int64 tensor, or None."},
     {"worst_of_k_ce_loss", reinterpret_cast<PyCFunction>(worst_of_k_ce_loss), METH_FASTCALL,
-     "The worst-of-k loss of checked (B, k, C) rows, reduced, in the given dtype."},
+     "The worst-of-k loss of checked logits in a rows layout, reduced, in the given dtype."},
+    {"first_negative_or_nonfinite", reinterpret_cast<PyCFunction>(first_negative_or_nonfinite),
+     METH_FASTCALL, "The index of the first negative or non-finite element, or None."},
     {"worst_of_k_cross_entropy", reinterpret_cast<PyCFunction>(worst_of_k_cross_entropy),
      METH_FASTCALL, "worst_of_k_cross_entropy for the common case, or None for the general path."},
     {nullptr, nullptr, 0, nullptr}};
