@@ -46,20 +46,32 @@ def _info(_args) -> int:
 def _bench(args) -> int:
     import torch
 
-    from .benchmarks import cases, runner
+    from .benchmarks import cases, overhead, runner
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.set == "gpu-check":
         selected = cases.gpu_check_cases(device, quick=args.quick)
     else:
         selected = cases.default_cases(device, quick=args.quick)
-    if args.ops:
-        wanted = set(args.ops.split(","))
+    wanted = set(args.ops.split(",")) if args.ops else None
+    if wanted is not None:
         selected = [c for c in selected if c.op in wanted]
+    with_overhead = wanted is None or overhead.OP in wanted
     if device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    table = runner.run(selected, device, json_path=args.json, plot_path=args.plot, reps=args.reps)
-    print(table)
+    with_cases = bool(selected) or not with_overhead
+    if with_cases:
+        table = runner.run(
+            selected, device, json_path=args.json, plot_path=args.plot, reps=args.reps
+        )
+        print(table)
+    if with_overhead:
+        rows = overhead.measure(device, quick=args.quick, repeats=args.reps)
+        device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        section = overhead.markdown_table(rows, device_name, quick=args.quick, repeats=args.reps)
+        print(("\n" if with_cases else "") + section)
+        if args.json:
+            overhead.write_json(args.json, rows, device_name, merge=with_cases)
     if device == "cpu":
         print("\n(CPU timings: only the ratios between providers are meaningful.)")
     return 0
@@ -82,7 +94,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     p_bench = sub.add_parser("bench", help="fastmargin vs eager vs torch.compile, per op")
     p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p_bench.add_argument("--ops", default=None, help="comma-separated op names to run")
+    p_bench.add_argument(
+        "--ops",
+        default=None,
+        help="comma-separated op names to run (call_overhead: the per-call overhead section)",
+    )
     p_bench.add_argument("--quick", action="store_true", help="a few small cases only")
     p_bench.add_argument(
         "--set",
