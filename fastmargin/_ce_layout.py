@@ -6,6 +6,8 @@
   k = 1 copy: the rows are (N * d1 * ..., 1, C). Batch-less and (N, C) logits are viewed, never
   copied; spatial logits are copied once, transposed so that the class dim is contiguous
   (unless they already lie class-last in memory, e.g. channels-last, where the rows are a view).
+  In eager mode that copy, and the one of the rows' gradient back to the logits' layout, are the
+  tiled CPU transposes of csrc/cpu/class_last.cpp (:class:`_ClassLast`).
 * With ``dim`` named, the logits are 3-D and hold k copies along it: (k, B, C) for dim=0,
   (B, k, C) for dim=1; the rows are a view in either layout.
 
@@ -22,6 +24,7 @@ import torch
 
 from . import _target_checks as tc
 from . import _validation as v
+from ._composite import transform_active
 
 
 @dataclass
@@ -95,7 +98,8 @@ def _rows_like_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> Rows
         C = logits.shape[1]
         samples = (logits.shape[0], *logits.shape[2:])
         # A view for (N, C) and for logits that lie class-last in memory; a copy otherwise.
-        x = logits.movedim(1, -1).reshape(math.prod(samples), 1, C)
+        B = math.prod(samples)
+        x = _class_last(logits, B).view(B, 1, C)
     expected = tuple(logits.shape) if soft else samples
     if logits.dim() == 1 and not soft and tuple(target.shape) == (1,):
         expected = (1,)  # F.cross_entropy takes a (1,) class index for (C,) logits too
@@ -108,11 +112,50 @@ def _rows_like_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> Rows
             )
         raise ValueError(_target_shape_message(logits, target, expected, soft))
     if soft:
-        t = target[None] if logits.dim() == 1 else target.movedim(1, -1).reshape(x.shape[0], C)
+        t = target[None] if logits.dim() == 1 else _class_last(target, x.shape[0])
         t = tc.check_probability_target(t, x, x, 1)
     else:
         t = target.reshape(-1)
     return Rows(_class_dim_contiguous(x), t, samples)
+
+
+def _class_last(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, C, d1, ...) -> (rows = N * d1 * ..., C), the class dim contiguous (a view where the
+    memory allows, else one transposing copy); (N, C) as it is."""
+    if t.dim() < 3 or not _use_tiled_transpose(t):
+        return t.movedim(1, -1).reshape(rows, t.shape[1])
+    return _ClassLast.apply(t).view(rows, t.shape[1])
+
+
+def _use_tiled_transpose(t: torch.Tensor) -> bool:
+    """Contiguous (N, C, d1, ...) with more than one class and position: the case where movedim +
+    reshape copies. Eager only: traced graphs and AD transforms keep the PyTorch ops, which the
+    compilers and functorch understand (the helper ops have no fake kernel or batching rule)."""
+    return (
+        t.is_contiguous()
+        and t.shape[1] > 1
+        and t.numel() > t.shape[0] * t.shape[1]
+        and not torch.compiler.is_compiling()
+        and not transform_active()
+    )
+
+
+class _ClassLast(torch.autograd.Function):
+    """Contiguous (N, C, d1, ...) -> contiguous (N * d1 * ..., 1, C) rows, and the rows' gradient
+    back to a contiguous (N, C, d1, ...) one (the layout F.cross_entropy's gradient has, which a
+    leaf's AccumulateGrad keeps without another copy), both as tiled transposes."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.shape = tuple(t.shape)
+        return torch.ops.fastmargin._class_last(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable PyTorch form
+            N, C, *spatial = ctx.shape
+            return grad.reshape(N, *spatial, C).movedim(-1, 1)
+        return torch.ops.fastmargin._class_first(grad, list(ctx.shape))
 
 
 def _target_shape_message(
