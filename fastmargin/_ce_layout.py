@@ -6,12 +6,14 @@
   k = 1 copy: the rows are (N * d1 * ..., 1, C). Batch-less and (N, C) logits are viewed, never
   copied; spatial logits are copied once, transposed so that the class dim is contiguous
   (unless they already lie class-last in memory, e.g. channels-last, where the rows are a view).
-  In eager mode that copy, and the one of the rows' gradient back to the logits' layout, are the
-  tiled CPU transposes of csrc/cpu/class_last.cpp (:class:`_ClassLast`).
+  In eager mode that copy is the helper op of csrc/cpu/class_last.cpp (:class:`_ClassLast`): on
+  the CPU it makes class-major rows (memory (C, N * d1 * ...), a block copy), which the CPU
+  kernels read in place and whose gradient maps back to the logits' shape as a view.
 * With ``dim`` named, the logits are 3-D and hold k copies along it: (k, B, C) for dim=0,
   (B, k, C) for dim=1; the rows are a view in either layout.
 
-The class dim of the rows has stride 1 (one copy is made if it is strided).
+The class dim of the rows has stride 1 (one copy is made if it is strided), except for the
+class-major spatial rows above, which only the CPU kernels receive.
 """
 
 from __future__ import annotations
@@ -93,13 +95,12 @@ def _rows_like_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> Rows
     if logits.dim() == 1:
         (C,) = logits.shape
         samples: Tuple[int, ...] = ()
-        x = logits[None, None]
+        x = _class_dim_contiguous(logits[None, None])
     else:
         C = logits.shape[1]
         samples = (logits.shape[0], *logits.shape[2:])
         # A view for (N, C) and for logits that lie class-last in memory; a copy otherwise.
-        B = math.prod(samples)
-        x = _class_last(logits, B).view(B, 1, C)
+        x = _class_last(logits, math.prod(samples))
     expected = tuple(logits.shape) if soft else samples
     if logits.dim() == 1 and not soft and tuple(target.shape) == (1,):
         expected = (1,)  # F.cross_entropy takes a (1,) class index for (C,) logits too
@@ -112,25 +113,26 @@ def _rows_like_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> Rows
             )
         raise ValueError(_target_shape_message(logits, target, expected, soft))
     if soft:
-        t = target[None] if logits.dim() == 1 else _class_last(target, x.shape[0])
+        t = target[None] if logits.dim() == 1 else target.movedim(1, -1).reshape(x.shape[0], C)
         t = tc.check_probability_target(t, x, x, 1)
     else:
         t = target.reshape(-1)
-    return Rows(_class_dim_contiguous(x), t, samples)
+    return Rows(x, t, samples)
 
 
 def _class_last(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """(N, C, d1, ...) -> (rows = N * d1 * ..., C), the class dim contiguous (a view where the
-    memory allows, else one transposing copy); (N, C) as it is."""
-    if t.dim() < 3 or not _use_tiled_transpose(t):
-        return t.movedim(1, -1).reshape(rows, t.shape[1])
-    return _ClassLast.apply(t).view(rows, t.shape[1])
+    """(N, C, d1, ...) -> (rows = N * d1 * ..., 1, C): a view where the memory allows (class-last
+    logits, (N, C)), else one copy: class-major rows from :class:`_ClassLast`, or rows with a
+    contiguous class dim from movedim + reshape."""
+    if t.dim() < 3 or not _use_class_major(t):
+        return _class_dim_contiguous(t.movedim(1, -1).reshape(rows, 1, t.shape[1]))
+    return _ClassLast.apply(t)
 
 
-def _use_tiled_transpose(t: torch.Tensor) -> bool:
-    """Contiguous (N, C, d1, ...) with more than one class and position: the case where movedim +
-    reshape copies. Eager only: traced graphs and AD transforms keep the PyTorch ops, which the
-    compilers and functorch understand (the helper ops have no fake kernel or batching rule)."""
+def _use_class_major(t: torch.Tensor) -> bool:
+    """Contiguous (N, C, d1, ...) with more than one class and position, where movedim + reshape
+    would transpose. Eager only: traced graphs and AD transforms keep the PyTorch ops, which the
+    compilers and functorch understand (the helper op has no fake kernel or batching rule)."""
     return (
         t.is_contiguous()
         and t.shape[1] > 1
@@ -141,9 +143,10 @@ def _use_tiled_transpose(t: torch.Tensor) -> bool:
 
 
 class _ClassLast(torch.autograd.Function):
-    """Contiguous (N, C, d1, ...) -> contiguous (N * d1 * ..., 1, C) rows, and the rows' gradient
-    back to a contiguous (N, C, d1, ...) one (the layout F.cross_entropy's gradient has, which a
-    leaf's AccumulateGrad keeps without another copy), both as tiled transposes."""
+    """Contiguous (N, C, d1, ...) -> (N * d1 * ..., 1, C) rows through the helper op
+    ``fastmargin::_class_last`` (class-major on the CPU, contiguous elsewhere); the rows'
+    gradient goes back as a view of the logits' shape (a leaf's AccumulateGrad copies it into
+    the leaf's layout, a block copy for class-major rows)."""
 
     @staticmethod
     def forward(ctx, t):
@@ -152,10 +155,8 @@ class _ClassLast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: the differentiable PyTorch form
-            N, C, *spatial = ctx.shape
-            return grad.reshape(N, *spatial, C).movedim(-1, 1)
-        return torch.ops.fastmargin._class_first(grad, list(ctx.shape))
+        N, C, *spatial = ctx.shape
+        return grad.reshape(N, *spatial, C).movedim(-1, 1)
 
 
 def _target_shape_message(

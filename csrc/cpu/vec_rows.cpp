@@ -4,6 +4,7 @@
 // library loads. `flatten` inlines the templates into each clone, so each clone vectorises them for
 // its own target (otherwise both would call one shared baseline instantiation). FMA contraction
 // changes results only at the rounding level; NaN / inf semantics are the same.
+#include "fastmargin/cpu_class_major.h"
 #include "fastmargin/cpu_noise.h"
 #include "fastmargin/cpu_rows.h"
 
@@ -41,6 +42,28 @@ FM_CPU_CLONES float softmax_grad_acc_f32(const float* x, const float* xi, int64_
 
 FM_CPU_CLONES void exp_inplace_f32(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = exp_lane(x[i]);
+}
+
+FM_CPU_CLONES void small_rows_lanes_f32(const float* x, int64_t stride, int64_t rows, int64_t C,
+                                        bool want_sum, float* mx, float* se, float* sz) {
+  small_rows_lanes(x, stride, rows, C, want_sum, mx, se, sz);
+}
+
+FM_CPU_CLONES void softmax_grad_small_rows_f32(const float* z, int64_t zs, int64_t rows, int64_t C,
+                                               const float* r, const float* lse, const float* s,
+                                               float a_off, float* out, int64_t os) {
+  softmax_grad_small_rows_loop(z, zs, rows, C, r, lse, s, a_off, out, os);
+}
+
+FM_CPU_CLONES void class_major_stats_f32(const float* x, int64_t cs, int64_t rows, int64_t C,
+                                         bool want_sum, float* mx, float* se, float* sz) {
+  class_major_stats_loop(x, cs, rows, C, want_sum, mx, se, sz);
+}
+
+FM_CPU_CLONES void class_major_grad_f32(const float* z, int64_t cs, int64_t rows, int64_t C,
+                                        const float* r, const float* lse, const float* s,
+                                        float a_off, float* out) {
+  class_major_grad_loop(z, cs, rows, C, r, lse, s, a_off, out);
 }
 
 FM_CPU_CLONES void noise_blocks_f32(uint64_t seed, const uint64_t* w, const uint64_t* row,

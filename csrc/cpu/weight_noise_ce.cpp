@@ -69,7 +69,7 @@ void forward_impl(const at::Tensor& logits, const int64_t* tgt, const at::Tensor
           const float* xi = noise.get(n, j, end * k, wanted);
           for (int64_t c = 0; c < C; ++c) x[j * C + c] = acc_t(row[c]) + s * acc_t(xi[c]);
         }
-        cpu::small_rows_stats(x, k, C, want_sum, es.get(k * C), st.data());
+        cpu::small_rows_stats(x, C, k, C, want_sum, es.get(3 * k), st.data());
         cpu::reduce_copies(
             k, tau,
             [&](int64_t j, acc_t& lse_j) {

@@ -19,6 +19,7 @@
 
 #include "fastmargin/ce_math.h"
 #include "fastmargin/ce_weighted_math.h"
+#include "fastmargin/cpu_class_major.h"
 #include "fastmargin/cpu_rows.h"
 #include "fastmargin/worst_of_k_ce.h"
 
@@ -197,7 +198,7 @@ acc_t sample_dradius(const Loss& L, const scalar_t* zb, int64_t sk, int64_t k, i
 // row-by-row driver and the small-row one.
 template <typename scalar_t, typename acc_t>
 struct ForwardRows {
-  int64_t B, k, C, sb, sk;
+  int64_t B, k, C, sb, sk, cs;
   const scalar_t* base;
   const acc_t* rad;  // nullptr without a radius
   acc_t* loss;
@@ -213,6 +214,7 @@ struct ForwardRows {
         C(logits.size(2)),
         sb(logits.stride(0)),
         sk(logits.stride(1)),
+        cs(logits.stride(2)),
         base(logits.const_data_ptr<scalar_t>()),
         rad(radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr),
         loss(out.loss.mutable_data_ptr<acc_t>()),
@@ -222,10 +224,36 @@ struct ForwardRows {
         dradius(rad ? out.dradius.mutable_data_ptr<acc_t>() : nullptr) {}
 };
 
-// The plain-loss forward for rows of at most cpu::kSmallRow classes: the k robust rows of a block
-// of samples are gathered into acc_t scratch and reduced together (cpu::small_rows_stats: one
-// vectorised exp over the block instead of a short pass per row), then each sample's copies are
-// reduced as in forward_impl.
+// Class-major rows: a strided class dim (B, 1, C) with consecutive rows (row stride 1, or one
+// row), the layout fastmargin/_ce_layout.py hands spatial logits over in on the CPU (memory
+// (C, N * d1 * ...), csrc/cpu/class_last.cpp). Only the plain loss with index targets, k = 1 and
+// no radius reads them; the entry points give every other call contiguous rows first.
+bool is_class_major(int64_t C, int64_t cs) { return C > 1 && cs != 1; }
+
+// RowStats of class-major rows [0, rows) at x (class stride cs) through cpu::class_major_stats;
+// rows whose max is not finite take the scalar online pass, as in cpu::row_stats.
+template <typename scalar_t, typename acc_t>
+void class_major_row_stats(const scalar_t* x, int64_t cs, int64_t rows, int64_t C, bool want_sum,
+                           acc_t* e, RowStats<acc_t>* st) {
+  acc_t *mx = e, *se = e + rows, *sz = e + 2 * rows;
+  cpu::class_major_stats(x, cs, rows, C, want_sum, mx, se, sz);
+  for (int64_t i = 0; i < rows; ++i) {
+    if (cpu::is_finite(mx[i])) {
+      st[i] = {mx[i], se[i], sz[i]};
+      continue;
+    }
+    st[i] = RowStats<acc_t>::empty();
+    for (int64_t c = 0; c < C; ++c) st[i].add(static_cast<acc_t>(x[i + c * cs]), want_sum);
+  }
+}
+
+// The plain-loss forward for rows of at most cpu::kSmallRow classes: the k rows of a block of
+// samples are reduced together (cpu::small_rows_stats: the rows of a tile in the lanes of one
+// vector instead of a short pass per row), then each sample's copies are reduced as in
+// forward_impl. Without a radius the rows are read where they lie when they sit at one stride
+// (k = 1, or the copies packed next to each other); otherwise the robust rows are gathered into
+// acc_t scratch first. Class-major rows (see is_class_major; any C) are read where they lie,
+// a tile of consecutive rows per vector.
 template <typename Loss>
 void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor>& radius,
                         double temperature, int64_t ignore_index, const Loss& L,
@@ -236,7 +264,13 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
   const int64_t B = p.B, k = p.k, C = p.C, sb = p.sb, sk = p.sk;
   const acc_t tau = static_cast<acc_t>(temperature);
   const bool want_sum = L.eps != acc_t(0);
-  const int64_t block = std::max<int64_t>(1, 1024 / (k * C));  // samples reduced together
+  const bool in_place_major = is_class_major(C, p.cs);  // k = 1, no radius (the entry points)
+  const bool direct = in_place_major || (!p.rad && (k == 1 || sb == k * sk));
+  const int64_t row_stride = k == 1 ? sb : sk;  // of the rows read in place (direct)
+  // Samples reduced together: a few tiles of class-major rows, about 1024 logits otherwise.
+  const int64_t block = in_place_major
+                            ? cpu::kMajorTile * std::max<int64_t>(1, 4096 / (cpu::kMajorTile * C))
+                                       : std::max<int64_t>(1, 1024 / (k * C));
   const int64_t grain = std::max<int64_t>(block, 32768 / (k * C));
 
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
@@ -244,24 +278,32 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
     std::vector<RowStats<acc_t>> st;
     for (int64_t b0 = begin; b0 < end; b0 += block) {
       const int64_t b1 = std::min(end, b0 + block), rows = (b1 - b0) * k;
-      acc_t* x = xs.get(rows * C);
       st.resize(static_cast<size_t>(rows));
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t y = L.index_target(b);
-        const bool valid = y >= 0 && y < C;
-        const acc_t r = p.rad ? p.rad[b] : acc_t(0);
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t* z = p.base + b * sb + j * sk;
-          acc_t* xr = x + ((b - b0) * k + j) * C;
-          if (!valid) {  // ignored / invalid sample: a zero row, never used
-            std::fill(xr, xr + C, acc_t(0));
-            continue;
+      acc_t* x = nullptr;  // the gathered robust rows (not direct)
+      if (in_place_major) {
+        class_major_row_stats(p.base + b0, p.cs, rows, C, want_sum, es.get(3 * rows), st.data());
+      } else if (direct) {
+        cpu::small_rows_stats(p.base + b0 * sb, row_stride, rows, C, want_sum, es.get(3 * rows),
+                              st.data());
+      } else {
+        x = xs.get(rows * C);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t y = L.index_target(b);
+          const bool valid = y >= 0 && y < C;
+          const acc_t r = p.rad ? p.rad[b] : acc_t(0);
+          for (int64_t j = 0; j < k; ++j) {
+            const scalar_t* z = p.base + b * sb + j * sk;
+            acc_t* xr = x + ((b - b0) * k + j) * C;
+            if (!valid) {  // ignored / invalid sample: a zero row, never used
+              std::fill(xr, xr + C, acc_t(0));
+              continue;
+            }
+            for (int64_t c = 0; c < C; ++c) xr[c] = static_cast<acc_t>(z[c]) + r;
+            xr[y] = robust_logit(static_cast<acc_t>(z[y]), true, r);
           }
-          for (int64_t c = 0; c < C; ++c) xr[c] = static_cast<acc_t>(z[c]) + r;
-          xr[y] = robust_logit(static_cast<acc_t>(z[y]), true, r);
         }
+        cpu::small_rows_stats(x, C, rows, C, want_sum, es.get(3 * rows), st.data());
       }
-      cpu::small_rows_stats(x, rows, C, want_sum, es.get(rows * C), st.data());
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = L.index_target(b);
         acc_t* lse_b = p.lse + b * k;
@@ -279,7 +321,9 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
             [&](int64_t j, acc_t& lse_j) {
               const RowStats<acc_t>& sj = st[static_cast<size_t>(row0 + j)];
               lse_j = sj.lse();
-              return ce_from_stats(lse_j, x[(row0 + j) * C + y], sj.sumz, L.eps, C);
+              const acc_t zy = direct ? static_cast<acc_t>(p.base[b * sb + j * sk + y * p.cs])
+                                      : x[(row0 + j) * C + y];
+              return ce_from_stats(lse_j, zy, sj.sumz, L.eps, C);
             },
             lse_b, w_b, p.loss + b, p.index + b);
         if (p.dradius) {
@@ -296,7 +340,7 @@ void forward_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& rad
                   double temperature, int64_t ignore_index, const Loss& L, WorstOfKForward& out) {
   if constexpr (Loss::kSmallRowBatches) {
     const int64_t C = logits.size(2);
-    if (C > 0 && C <= cpu::kSmallRow) {
+    if ((C > 0 && C <= cpu::kSmallRow) || is_class_major(C, logits.stride(2))) {
       forward_small_rows(logits, radius, temperature, ignore_index, L, out);
       return;
     }
@@ -335,41 +379,168 @@ void forward_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& rad
   });
 }
 
+// The backward's shapes and raw pointers, and the gradient of one row the general way.
+template <typename Loss>
+struct BackwardRows {
+  using scalar_t = typename Loss::scalar_t;
+  using acc_t = typename Loss::acc_t;
+  const Loss& L;
+  int64_t k, C, sb, sk, gb, gk, cs;
+  const scalar_t* base;
+  scalar_t* gbase;
+  const acc_t* rad;  // nullptr without a radius
+  const acc_t* g;
+  const acc_t* lse;
+  const acc_t* w;
+
+  BackwardRows(const Loss& loss, const at::Tensor& grad_loss, const at::Tensor& logits,
+               const c10::optional<at::Tensor>& radius, const at::Tensor& lse_t,
+               const at::Tensor& weight, at::Tensor& grad)
+      : L(loss),
+        k(logits.size(1)),
+        C(logits.size(2)),
+        sb(logits.stride(0)),
+        sk(logits.stride(1)),
+        gb(grad.stride(0)),
+        gk(grad.stride(1)),
+        cs(logits.stride(2)),
+        base(logits.const_data_ptr<scalar_t>()),
+        gbase(grad.mutable_data_ptr<scalar_t>()),
+        rad(radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr),
+        g(grad_loss.const_data_ptr<acc_t>()),
+        lse(lse_t.const_data_ptr<acc_t>()),
+        w(weight.const_data_ptr<acc_t>()) {}
+
+  void row(int64_t row_id, Scratch<acc_t>& as) const {
+    const int64_t b = row_id / k, j = row_id % k;
+    scalar_t* out = gbase + b * gb + j * gk;
+    const acc_t wr = w[row_id];
+    if (wr == acc_t(0)) {  // unselected copy or ignored sample: zeros, logits not read
+      std::fill(out, out + C, scalar_t(0));
+      return;
+    }
+    const int64_t y = L.index_target(b);
+    if (!L.soft() && (y < 0 || y >= C)) {  // invalid index target: NaN row (weight is NaN)
+      std::fill(out, out + C, static_cast<scalar_t>(quiet_nan<acc_t>()));
+      return;
+    }
+    L.grad_row(base + b * sb + j * sk, b, j, y, rad ? rad[b] : acc_t(0), lse[row_id], wr * g[b], as,
+               out);
+  }
+
+  // Rows (b, j) at row_id * stride of the logits and of the gradient (k == 1, or copies packed
+  // next to each other): the condition of the tiled plain backward.
+  bool uniform_rows() const {
+    return (k == 1 || (sb == k * sk && gb == k * gk)) && (k == 1 ? sb : sk) == (k == 1 ? gb : gk);
+  }
+};
+
+// The plain-loss backward for rows of at most cpu::kSmallRow classes: tiles of kLanes rows go
+// through cpu::softmax_grad_small_rows (the tile's rows in the lanes of one vector) when every row
+// has a gradient (weight != 0, valid target); the target class is rewritten after, from the
+// target logit read first (the in-place backward writes over the logits). Other tiles row by row.
+template <typename Loss>
+void backward_small_rows(const BackwardRows<Loss>& p, int64_t rows) {
+  using acc_t = typename Loss::acc_t;
+  constexpr int64_t kLanes = cpu::kLanes;
+  const Loss& L = p.L;
+  const int64_t C = p.C, stride = p.k == 1 ? p.sb : p.sk;
+  const int64_t grain = std::max<int64_t>(kLanes, 32768 / C);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> as;
+    for (int64_t t0 = begin; t0 < end; t0 += kLanes) {
+      const int64_t n = std::min(kLanes, end - t0);
+      acc_t r[kLanes], lse[kLanes], s[kLanes], zy[kLanes];
+      int64_t y[kLanes];
+      bool dense = true;
+      for (int64_t i = 0; i < n && dense; ++i) {
+        const int64_t row_id = t0 + i, b = row_id / p.k;
+        y[i] = L.index_target(b);
+        dense = p.w[row_id] != acc_t(0) && y[i] >= 0 && y[i] < C;
+        if (!dense) break;
+        r[i] = p.rad ? p.rad[b] : acc_t(0);
+        lse[i] = p.lse[row_id];
+        s[i] = p.w[row_id] * p.g[b];
+        zy[i] = acc_t(p.base[row_id * stride + y[i]]);
+      }
+      if (!dense) {
+        for (int64_t row_id = t0; row_id < t0 + n; ++row_id) p.row(row_id, as);
+        continue;
+      }
+      cpu::softmax_grad_small_rows(p.base + t0 * stride, stride, n, C, r, lse, s, L.eps_over_c,
+                                   p.gbase + t0 * stride, stride);
+      for (int64_t i = 0; i < n; ++i) {
+        p.gbase[(t0 + i) * stride + y[i]] = static_cast<typename Loss::scalar_t>(
+            ce_grad(robust_logit(zy[i], true, r[i]), true, lse[i], L.eps, L.eps_over_c, s[i]));
+      }
+    }
+  });
+}
+
+// The plain-loss backward of class-major rows (k = 1, the gradient laid out as the logits): blocks
+// of consecutive rows, a few vectors per class (cpu::class_major_grad); the target class is
+// rewritten after from the target logit read first (the in-place backward writes over the
+// logits), and rows without a gradient (weight 0: zeros; an invalid target: NaN) are overwritten.
+template <typename Loss>
+void backward_class_major(const BackwardRows<Loss>& p, int64_t rows) {
+  using scalar_t = typename Loss::scalar_t;
+  using acc_t = typename Loss::acc_t;
+  constexpr int64_t kBlock = 4 * cpu::kMajorTile;
+  const Loss& L = p.L;
+  const int64_t C = p.C, cs = p.cs;
+  const int64_t grain = std::max<int64_t>(kBlock, 32768 / C);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    acc_t r[kBlock], lse[kBlock], s[kBlock], zy[kBlock];
+    int64_t y[kBlock];
+    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, end - b0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = b0 + i, yi = L.index_target(b);
+        const bool dense = p.w[b] != acc_t(0) && yi >= 0 && yi < C;
+        y[i] = dense ? yi : -1;
+        r[i] = dense && p.rad ? p.rad[b] : acc_t(0);
+        lse[i] = dense ? p.lse[b] : acc_t(0);
+        s[i] = dense ? p.w[b] * p.g[b] : acc_t(0);
+        zy[i] = dense ? acc_t(p.base[b + yi * cs]) : acc_t(0);
+      }
+      cpu::class_major_grad(p.base + b0, cs, n, C, r, lse, s, L.eps_over_c, p.gbase + b0);
+      for (int64_t i = 0; i < n; ++i) {
+        scalar_t* out = p.gbase + b0 + i;
+        if (y[i] >= 0) {
+          out[y[i] * cs] = static_cast<scalar_t>(
+              ce_grad(robust_logit(zy[i], true, r[i]), true, lse[i], L.eps, L.eps_over_c, s[i]));
+          continue;
+        }
+        const scalar_t fill = p.w[b0 + i] == acc_t(0)
+                                  ? scalar_t(0)  // unselected copy or ignored sample
+                                  : static_cast<scalar_t>(quiet_nan<acc_t>());  // invalid target
+        for (int64_t c = 0; c < C; ++c) out[c * cs] = fill;
+      }
+    }
+  });
+}
+
 template <typename Loss>
 void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits,
                    const c10::optional<at::Tensor>& radius, const at::Tensor& lse,
                    const at::Tensor& weight, const Loss& L, at::Tensor& grad) {
-  using scalar_t = typename Loss::scalar_t;
   using acc_t = typename Loss::acc_t;
-  const int64_t B = logits.size(0), k = logits.size(1), C = logits.size(2);
-  const int64_t sb = logits.stride(0), sk = logits.stride(1);
-  const int64_t gb = grad.stride(0), gk = grad.stride(1);
-  const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  scalar_t* gbase = grad.mutable_data_ptr<scalar_t>();
-  const acc_t* rad = radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr;
-  const acc_t* g = grad_loss.const_data_ptr<acc_t>();
-  const acc_t* lse_p = lse.const_data_ptr<acc_t>();
-  const acc_t* w_p = weight.const_data_ptr<acc_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C));
-
-  at::parallel_for(0, B * k, grain, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> as;
-    for (int64_t row_id = begin; row_id < end; ++row_id) {
-      const int64_t b = row_id / k, j = row_id % k;
-      scalar_t* out = gbase + b * gb + j * gk;
-      const acc_t w = w_p[row_id];
-      if (w == acc_t(0)) {  // unselected copy or ignored sample: zeros, logits not read
-        std::fill(out, out + C, scalar_t(0));
-        continue;
-      }
-      const int64_t y = L.index_target(b);
-      if (!L.soft() && (y < 0 || y >= C)) {  // invalid index target: NaN row (weight is NaN)
-        std::fill(out, out + C, static_cast<scalar_t>(quiet_nan<acc_t>()));
-        continue;
-      }
-      L.grad_row(base + b * sb + j * sk, b, j, y, rad ? rad[b] : acc_t(0), lse_p[row_id], w * g[b],
-                 as, out);
+  const BackwardRows<Loss> p(L, grad_loss, logits, radius, lse, weight, grad);
+  const int64_t rows = logits.size(0) * p.k, C = p.C;
+  if constexpr (Loss::kSmallRowBatches) {
+    if (is_class_major(C, p.cs)) {
+      backward_class_major(p, rows);
+      return;
     }
+    if (C > 0 && C <= cpu::kSmallRow && p.uniform_rows()) {
+      backward_small_rows(p, rows);
+      return;
+    }
+  }
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> as;
+    for (int64_t row_id = begin; row_id < end; ++row_id) p.row(row_id, as);
   });
 }
 
@@ -393,11 +564,31 @@ void with_loss(bool weighted, const at::Tensor& logits, const at::Tensor& tgt,
       [&] { body(PlainLoss<scalar_t>(tgt, class_weight, label_smoothing, C)); });
 }
 
+// How the CPU ops read the logits: rows with a contiguous class dim (the ops' contract), or, for a
+// strided class dim, class-major rows in place (the plain loss, k = 1, consecutive rows) or a
+// contiguous copy (every other call; its gradient is copied back into the logits' layout).
+enum class Layout { kRows, kClassMajor, kCopy };
+
+Layout layout_of(const at::Tensor& logits, const at::Tensor& target,
+                 const c10::optional<at::Tensor>& radius,
+                 const c10::optional<at::Tensor>& class_weight) {
+  if (logits.dim() != 3 || !is_class_major(logits.size(2), logits.stride(2))) return Layout::kRows;
+  const bool plain = !radius.has_value() && !class_weight.has_value() && !is_soft_target(target);
+  return plain && logits.size(1) == 1 && logits.stride(0) == 1 ? Layout::kClassMajor
+                                                               : Layout::kCopy;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& radius,
     double temperature, double label_smoothing, int64_t ignore_index,
     const c10::optional<at::Tensor>& class_weight) {
-  const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight);
+  const Layout layout = layout_of(logits, target, radius, class_weight);
+  if (layout == Layout::kCopy) {
+    return worst_of_k_ce_fwd_cpu(logits.contiguous(), target, radius, temperature, label_smoothing,
+                                 ignore_index, class_weight);
+  }
+  const bool weighted =
+      check_worst_of_k_args(logits, target, radius, class_weight, layout == Layout::kClassMajor);
   WorstOfKForward out = WorstOfKForward::allocate(logits, radius.has_value());
   const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
   const c10::optional<at::Tensor> rad = contiguous(radius), cw = contiguous(class_weight);
@@ -424,10 +615,17 @@ at::Tensor worst_of_k_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                                  const at::Tensor& lse, const at::Tensor& weight,
                                  double label_smoothing, int64_t ignore_index,
                                  const c10::optional<at::Tensor>& class_weight) {
-  const bool weighted =
-      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
-  (void)ignore_index;  // ignored samples arrive with weight 0
+  const Layout layout = layout_of(logits, target, radius, class_weight);
   at::Tensor grad = at::empty_like(logits);
+  if (layout == Layout::kCopy || (layout == Layout::kClassMajor &&
+                                  (grad.stride(0) != 1 || grad.stride(2) != logits.stride(2)))) {
+    grad.copy_(worst_of_k_ce_bwd_cpu(grad_loss, logits.contiguous(), target, radius, lse, weight,
+                                     label_smoothing, ignore_index, class_weight));
+    return grad;
+  }
+  const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,
+                                                  class_weight, layout != Layout::kRows);
+  (void)ignore_index;  // ignored samples arrive with weight 0
   backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,
                 class_weight, grad);
   return grad;
@@ -439,8 +637,17 @@ void worst_of_k_ce_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const at::Tensor& weight, double label_smoothing,
                                    int64_t ignore_index,
                                    const c10::optional<at::Tensor>& class_weight) {
-  const bool weighted =
-      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  const Layout layout = layout_of(logits, target, radius, class_weight);
+  if (layout == Layout::kCopy) {
+    check_inplace_backward(logits, target);
+    const at::Tensor rows = logits.contiguous();
+    worst_of_k_ce_bwd_inplace_cpu(grad_loss, rows, target, radius, lse, weight, label_smoothing,
+                                  ignore_index, class_weight);
+    logits.copy_(rows);
+    return;
+  }
+  const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,
+                                                  class_weight, layout != Layout::kRows);
   check_inplace_backward(logits, target);
   (void)ignore_index;
   at::Tensor out = logits;  // the same storage: the gradient replaces the logits

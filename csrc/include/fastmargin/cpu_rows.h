@@ -181,34 +181,109 @@ RowStats<acc_t> row_stats(const acc_t* x, int64_t C, bool want_sum) {
 // alone fills few lanes, and the per-row cost of the passes above would dominate.
 constexpr int64_t kSmallRow = 32;
 
-// RowStats of `rows` contiguous rows of C classes in x (C <= kSmallRow): per row a scalar max and
-// the shifted logits into e, then one vectorised exp over all rows, then per-row sums. Rows whose
-// max is not finite take the scalar online pass, as in row_stats.
-template <typename acc_t>
-void small_rows_stats(const acc_t* x, int64_t rows, int64_t C, bool want_sum, acc_t* e,
-                      RowStats<acc_t>* st) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* xr = x + i * C;
-    acc_t m = neg_inf<acc_t>();
-    for (int64_t c = 0; c < C; ++c) m = xr[c] > m ? xr[c] : m;  // NaN ignored, as lane_max
-    st[i].max = m;
-    const acc_t shift = is_finite(m) ? m : acc_t(0);
-    for (int64_t c = 0; c < C; ++c) e[i * C + c] = xr[c] - shift;
+// Statistics of short rows, kLanes at a time: each tile is transposed into t (C x kLanes, row l
+// of the tile in lane l) so that every per-row reduction and the exps are lane-parallel vector ops
+// with no horizontal step. Per row the operations run in the order of a scalar loop over c.
+//
+// max, sum of exp(x_c - max) (shift 0 where the max is not finite) and, when want_sum, sum of x_c
+// of `rows` rows of C <= kSmallRow classes, row i at x + i * stride (the caller redoes non-finite
+// maxima). A short last tile fills its unused lanes with the tile's row 0, computed and dropped.
+template <typename scalar_t, typename acc_t>
+void small_rows_lanes(const scalar_t* x, int64_t stride, int64_t rows, int64_t C, bool want_sum,
+                      acc_t* mx, acc_t* se, acc_t* sz) {
+  acc_t t[kSmallRow * kLanes];
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, rows - r0);
+    int64_t at[kLanes];
+    for (int l = 0; l < kLanes; ++l) at[l] = (r0 + (l < n ? l : 0)) * stride;
+    for (int64_t c = 0; c < C; ++c) {  // class-outer: contiguous stores, gathered loads
+      for (int l = 0; l < kLanes; ++l) t[c * kLanes + l] = static_cast<acc_t>(x[at[l] + c]);
+    }
+    acc_t m[kLanes], sh[kLanes], e[kLanes] = {}, z[kLanes] = {};
+    for (int l = 0; l < kLanes; ++l) m[l] = neg_inf<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      for (int l = 0; l < kLanes; ++l) m[l] = t[c * kLanes + l] > m[l] ? t[c * kLanes + l] : m[l];
+    }
+    for (int l = 0; l < kLanes; ++l) sh[l] = is_finite(m[l]) ? m[l] : acc_t(0);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int l = 0; l < kLanes; ++l) e[l] += exp_lane(t[c * kLanes + l] - sh[l]);
+    }
+    if (want_sum) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int l = 0; l < kLanes; ++l) z[l] += t[c * kLanes + l];
+      }
+    }
+    for (int64_t l = 0; l < n; ++l) {
+      mx[r0 + l] = m[l];
+      se[r0 + l] = e[l];
+      sz[r0 + l] = z[l];
+    }
   }
-  exp_inplace(e, rows * C);
+}
+
+// out row i = s_i * (exp(z_i,c + r_i - lse_i) - a_off) for c in [0, C), C <= kSmallRow, for
+// `rows` rows (row i at z + i * zs, written at out + i * os; out may be z: a block is read whole
+// before it is written): the plain-CE softmax gradient of softmax_grad_loop with A = 1. Blocks of
+// rows go through acc_t scratch, so that the exps run as one flat vectorised loop (per row they
+// would fill a vector and a short remainder).
+template <typename scalar_t, typename acc_t>
+void softmax_grad_small_rows_loop(const scalar_t* z, int64_t zs, int64_t rows, int64_t C,
+                                  const acc_t* r, const acc_t* lse, const acc_t* s, acc_t a_off,
+                                  scalar_t* out, int64_t os) {
+  constexpr int64_t kBlock = 64;  // rows: 8 KiB of float scratch at C = 32
+  acc_t e[kBlock * kSmallRow];
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t n = std::min(kBlock, rows - r0);
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* zr = z + (r0 + i) * zs;
+      const acc_t ri = r[r0 + i], li = lse[r0 + i];
+      for (int64_t c = 0; c < C; ++c) e[i * C + c] = static_cast<acc_t>(zr[c]) + ri - li;
+    }
+    for (int64_t q = 0; q < n * C; ++q) e[q] = exp_lane(e[q]);
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t* o = out + (r0 + i) * os;
+      const acc_t si = s[r0 + i];
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(si * (e[i * C + c] - a_off));
+    }
+  }
+}
+
+void small_rows_lanes_f32(const float* x, int64_t stride, int64_t rows, int64_t C, bool want_sum,
+                          float* mx, float* se, float* sz);
+void softmax_grad_small_rows_f32(const float* z, int64_t zs, int64_t rows, int64_t C,
+                                 const float* r, const float* lse, const float* s, float a_off,
+                                 float* out, int64_t os);
+
+template <typename scalar_t, typename acc_t>
+void softmax_grad_small_rows(const scalar_t* z, int64_t zs, int64_t rows, int64_t C, const acc_t* r,
+                             const acc_t* lse, const acc_t* s, acc_t a_off, scalar_t* out,
+                             int64_t os) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    softmax_grad_small_rows_f32(z, zs, rows, C, r, lse, s, a_off, out, os);
+  } else {
+    softmax_grad_small_rows_loop(z, zs, rows, C, r, lse, s, a_off, out, os);
+  }
+}
+
+// RowStats of `rows` rows of C classes (C <= kSmallRow), row i at x + i * stride, through
+// small_rows_lanes; e is acc_t scratch of 3 * rows. Rows whose max is not finite take the scalar
+// online pass, as in row_stats.
+template <typename scalar_t, typename acc_t>
+void small_rows_stats(const scalar_t* x, int64_t stride, int64_t rows, int64_t C, bool want_sum,
+                      acc_t* e, RowStats<acc_t>* st) {
+  acc_t *mx = e, *se = e + rows, *sz = e + 2 * rows;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    small_rows_lanes_f32(x, stride, rows, C, want_sum, mx, se, sz);
+  } else {
+    small_rows_lanes(x, stride, rows, C, want_sum, mx, se, sz);
+  }
   for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* xr = x + i * C;
-    if (!is_finite(st[i].max)) {
-      st[i] = RowStats<acc_t>::empty();
-      for (int64_t c = 0; c < C; ++c) st[i].add(xr[c], want_sum);
+    if (is_finite(mx[i])) {
+      st[i] = {mx[i], se[i], sz[i]};
       continue;
     }
-    acc_t se = acc_t(0), sz = acc_t(0);
-    for (int64_t c = 0; c < C; ++c) se += e[i * C + c];
-    if (want_sum) {
-      for (int64_t c = 0; c < C; ++c) sz += xr[c];
-    }
-    st[i] = {st[i].max, se, sz};
+    st[i] = RowStats<acc_t>::empty();
+    for (int64_t c = 0; c < C; ++c) st[i].add(static_cast<acc_t>(x[i * stride + c]), want_sum);
   }
 }
 

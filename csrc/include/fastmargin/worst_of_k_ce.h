@@ -4,7 +4,9 @@
 //
 // Layout: logits is (B, k, C) with the class dim contiguous and the other two strides
 // arbitrary, so both public copy layouts ((B, k, C) and a transposed (k, B, C)) arrive
-// without a copy. Per-row statistics are float32 (float64 for float64 logits).
+// without a copy. The CPU kernels also take a strided class dim (class_strided_ok: see
+// csrc/cpu/worst_of_k_ce.cpp, class-major rows). Per-row statistics are float32 (float64 for
+// float64 logits).
 //
 // Targets: (B,) int64 class indices, or floating class probabilities (soft targets), either
 // (B, C) shared by the k copies or (B, k, C) one row per copy (class dim contiguous, other
@@ -27,18 +29,19 @@
 
 namespace fastmargin {
 
-inline void check_worst_of_k_logits(const at::Tensor& logits) {
+inline void check_worst_of_k_logits(const at::Tensor& logits, bool class_strided_ok = false) {
   TORCH_CHECK(logits.dim() == 3, "logits: expected a 3-D (B, k, C) tensor, got ", logits.dim(),
               "-D");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits: expected a floating dtype, got ",
               logits.scalar_type());
-  TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1,
+  TORCH_CHECK(class_strided_ok || logits.size(2) <= 1 || logits.stride(2) == 1,
               "logits: the class dim must be contiguous (stride 1)");
 }
 
 inline void check_worst_of_k_inputs(const at::Tensor& logits, const at::Tensor& target,
-                                    const c10::optional<at::Tensor>& radius) {
-  check_worst_of_k_logits(logits);
+                                    const c10::optional<at::Tensor>& radius,
+                                    bool class_strided_ok = false) {
+  check_worst_of_k_logits(logits, class_strided_ok);
   check_index_target(target, logits);
   if (radius.has_value()) check_stats_vector(*radius, "radius", logits.size(0), logits);
 }
@@ -85,11 +88,12 @@ inline void check_class_weight(const at::Tensor& logits,
 // All forward arguments; true when the weighted (class weight or soft target) path runs.
 inline bool check_worst_of_k_args(const at::Tensor& logits, const at::Tensor& target,
                                   const c10::optional<at::Tensor>& radius,
-                                  const c10::optional<at::Tensor>& class_weight) {
+                                  const c10::optional<at::Tensor>& class_weight,
+                                  bool class_strided_ok = false) {
   if (is_soft_target(target)) {
     check_soft_target(logits, target, radius);
   } else {
-    check_worst_of_k_inputs(logits, target, radius);
+    check_worst_of_k_inputs(logits, target, radius, class_strided_ok);
   }
   check_class_weight(logits, class_weight);
   return class_weight.has_value() || is_soft_target(target);
@@ -142,8 +146,10 @@ inline bool check_worst_of_k_backward(const at::Tensor& grad_loss, const at::Ten
                                       const at::Tensor& target,
                                       const c10::optional<at::Tensor>& radius,
                                       const at::Tensor& lse, const at::Tensor& weight,
-                                      const c10::optional<at::Tensor>& class_weight) {
-  const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight);
+                                      const c10::optional<at::Tensor>& class_weight,
+                                      bool class_strided_ok = false) {
+  const bool weighted =
+      check_worst_of_k_args(logits, target, radius, class_weight, class_strided_ok);
   const int64_t B = logits.size(0), k = logits.size(1);
   const auto f = stats_dtype(logits);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && grad_loss.scalar_type() == f,
