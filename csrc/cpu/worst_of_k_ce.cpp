@@ -270,7 +270,7 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
   // Samples reduced together: a few tiles of class-major rows, about 1024 logits otherwise.
   const int64_t block = in_place_major
                             ? cpu::kMajorTile * std::max<int64_t>(1, 4096 / (cpu::kMajorTile * C))
-                                       : std::max<int64_t>(1, 1024 / (k * C));
+                            : std::max<int64_t>(1, 1024 / (k * C));
   const int64_t grain = std::max<int64_t>(block, 32768 / (k * C));
 
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {

@@ -52,7 +52,8 @@ void class_major_stats_tile(const scalar_t* x, int64_t cs, int64_t r0, int64_t n
   if (want_sum) {
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* xc = x + c * cs;
-      for (int l = 0; l < kMajorTile; ++l) z[l] += static_cast<acc_t>(xc[lane_row<kFull>(r0, l, n)]);
+      for (int l = 0; l < kMajorTile; ++l)
+        z[l] += static_cast<acc_t>(xc[lane_row<kFull>(r0, l, n)]);
     }
   }
   for (int64_t l = 0; l < n; ++l) {
