@@ -564,18 +564,20 @@ void with_loss(bool weighted, const at::Tensor& logits, const at::Tensor& tgt,
       [&] { body(PlainLoss<scalar_t>(tgt, class_weight, label_smoothing, C)); });
 }
 
-// How the CPU ops read the logits: rows with a contiguous class dim (the ops' contract), or, for a
-// strided class dim, class-major rows in place (the plain loss, k = 1, consecutive rows) or a
-// contiguous copy (every other call; its gradient is copied back into the logits' layout).
+// How the CPU ops read the logits: rows with a contiguous class dim (the ops' contract), or
+// class-major rows (see is_class_major: k = 1, consecutive rows, a strided class dim), read in
+// place by the plain loss and through a contiguous copy by every other call (whose gradient is
+// copied back into the logits' layout). Any other strided class dim is refused by the checks.
 enum class Layout { kRows, kClassMajor, kCopy };
 
 Layout layout_of(const at::Tensor& logits, const at::Tensor& target,
                  const c10::optional<at::Tensor>& radius,
                  const c10::optional<at::Tensor>& class_weight) {
-  if (logits.dim() != 3 || !is_class_major(logits.size(2), logits.stride(2))) return Layout::kRows;
+  const bool class_major = logits.dim() == 3 && is_class_major(logits.size(2), logits.stride(2)) &&
+                           logits.size(1) == 1 && logits.stride(0) == 1;
+  if (!class_major) return Layout::kRows;
   const bool plain = !radius.has_value() && !class_weight.has_value() && !is_soft_target(target);
-  return plain && logits.size(1) == 1 && logits.stride(0) == 1 ? Layout::kClassMajor
-                                                               : Layout::kCopy;
+  return plain ? Layout::kClassMajor : Layout::kCopy;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cpu(
