@@ -230,21 +230,56 @@ struct ForwardRows {
 // no radius reads them; the entry points give every other call contiguous rows first.
 bool is_class_major(int64_t C, int64_t cs) { return C > 1 && cs != 1; }
 
-// RowStats of class-major rows [0, rows) at x (class stride cs) through cpu::class_major_stats;
-// rows whose max is not finite take the scalar online pass, as in cpu::row_stats.
-template <typename scalar_t, typename acc_t>
-void class_major_row_stats(const scalar_t* x, int64_t cs, int64_t rows, int64_t C, bool want_sum,
-                           acc_t* e, RowStats<acc_t>* st) {
-  acc_t *mx = e, *se = e + rows, *sz = e + 2 * rows;
-  cpu::class_major_stats(x, cs, rows, C, want_sum, mx, se, sz);
-  for (int64_t i = 0; i < rows; ++i) {
-    if (cpu::is_finite(mx[i])) {
-      st[i] = {mx[i], se[i], sz[i]};
-      continue;
+// The plain-loss forward of class-major rows (k = 1, no radius): blocks of consecutive rows, their
+// statistics from cpu::class_major_stats (a few vector loads per class), the logsumexps in one
+// loop of their own (the log calls pipeline), then each row's loss as in forward_small_rows.
+template <typename Loss>
+void forward_class_major(const at::Tensor& logits, double temperature, int64_t ignore_index,
+                         const Loss& L, WorstOfKForward& out) {
+  using scalar_t = typename Loss::scalar_t;
+  using acc_t = typename Loss::acc_t;
+  const ForwardRows<scalar_t, acc_t> p(logits, c10::nullopt, out);
+  const int64_t B = p.B, C = p.C, cs = p.cs;
+  const acc_t tau = static_cast<acc_t>(temperature);
+  const bool want_sum = L.eps != acc_t(0);
+  const int64_t block = cpu::kMajorTile * std::max<int64_t>(1, 4096 / (cpu::kMajorTile * C));
+  const int64_t grain = std::max<int64_t>(block, 32768 / C);
+
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> es;
+    for (int64_t b0 = begin; b0 < end; b0 += block) {
+      const int64_t n = std::min(end - b0, block);
+      acc_t* mx = es.get(4 * n);
+      acc_t *se = mx + n, *sz = se + n, *lse = sz + n;
+      cpu::class_major_stats(p.base + b0, cs, n, C, want_sum, mx, se, sz);
+      for (int64_t i = 0; i < n; ++i) lse[i] = RowStats<acc_t>{mx[i], se[i], sz[i]}.lse();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = b0 + i, y = L.index_target(b);
+        p.index[b] = 0;
+        const TargetKind kind = classify_target(y, ignore_index, C);
+        if (kind != TargetKind::kClass) {
+          cpu::fill_skipped_sample(kind, 1, p.loss + b, p.lse + b, p.weight + b,
+                                   static_cast<acc_t*>(nullptr));
+          continue;
+        }
+        RowStats<acc_t> st{mx[i], se[i], sz[i]};
+        acc_t lse_b = lse[i];
+        if (!cpu::is_finite(mx[i])) {  // all -inf / +inf / all NaN: the scalar online pass
+          st = RowStats<acc_t>::empty();
+          for (int64_t c = 0; c < C; ++c) st.add(static_cast<acc_t>(p.base[b + c * cs]), want_sum);
+          lse_b = st.lse();
+        }
+        const acc_t zy = static_cast<acc_t>(p.base[b + y * cs]);
+        cpu::reduce_copies(
+            1, tau,
+            [&](int64_t, acc_t& lse_j) {
+              lse_j = lse_b;
+              return ce_from_stats(lse_b, zy, st.sumz, L.eps, C);
+            },
+            p.lse + b, p.weight + b, p.loss + b, p.index + b);
+      }
     }
-    st[i] = RowStats<acc_t>::empty();
-    for (int64_t c = 0; c < C; ++c) st[i].add(static_cast<acc_t>(x[i + c * cs]), want_sum);
-  }
+  });
 }
 
 // The plain-loss forward for rows of at most cpu::kSmallRow classes: the k rows of a block of
@@ -252,8 +287,7 @@ void class_major_row_stats(const scalar_t* x, int64_t cs, int64_t rows, int64_t 
 // vector instead of a short pass per row), then each sample's copies are reduced as in
 // forward_impl. Without a radius the rows are read where they lie when they sit at one stride
 // (k = 1, or the copies packed next to each other); otherwise the robust rows are gathered into
-// acc_t scratch first. Class-major rows (see is_class_major; any C) are read where they lie,
-// a tile of consecutive rows per vector.
+// acc_t scratch first.
 template <typename Loss>
 void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor>& radius,
                         double temperature, int64_t ignore_index, const Loss& L,
@@ -264,13 +298,9 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
   const int64_t B = p.B, k = p.k, C = p.C, sb = p.sb, sk = p.sk;
   const acc_t tau = static_cast<acc_t>(temperature);
   const bool want_sum = L.eps != acc_t(0);
-  const bool in_place_major = is_class_major(C, p.cs);  // k = 1, no radius (the entry points)
-  const bool direct = in_place_major || (!p.rad && (k == 1 || sb == k * sk));
-  const int64_t row_stride = k == 1 ? sb : sk;  // of the rows read in place (direct)
-  // Samples reduced together: a few tiles of class-major rows, about 1024 logits otherwise.
-  const int64_t block = in_place_major
-                            ? cpu::kMajorTile * std::max<int64_t>(1, 4096 / (cpu::kMajorTile * C))
-                            : std::max<int64_t>(1, 1024 / (k * C));
+  const bool direct = !p.rad && (k == 1 || sb == k * sk);
+  const int64_t row_stride = k == 1 ? sb : sk;                 // of the rows read in place (direct)
+  const int64_t block = std::max<int64_t>(1, 1024 / (k * C));  // samples reduced together
   const int64_t grain = std::max<int64_t>(block, 32768 / (k * C));
 
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
@@ -280,9 +310,7 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
       const int64_t b1 = std::min(end, b0 + block), rows = (b1 - b0) * k;
       st.resize(static_cast<size_t>(rows));
       acc_t* x = nullptr;  // the gathered robust rows (not direct)
-      if (in_place_major) {
-        class_major_row_stats(p.base + b0, p.cs, rows, C, want_sum, es.get(3 * rows), st.data());
-      } else if (direct) {
+      if (direct) {
         cpu::small_rows_stats(p.base + b0 * sb, row_stride, rows, C, want_sum, es.get(3 * rows),
                               st.data());
       } else {
@@ -321,8 +349,8 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
             [&](int64_t j, acc_t& lse_j) {
               const RowStats<acc_t>& sj = st[static_cast<size_t>(row0 + j)];
               lse_j = sj.lse();
-              const acc_t zy = direct ? static_cast<acc_t>(p.base[b * sb + j * sk + y * p.cs])
-                                      : x[(row0 + j) * C + y];
+              const acc_t zy =
+                  direct ? static_cast<acc_t>(p.base[b * sb + j * sk + y]) : x[(row0 + j) * C + y];
               return ce_from_stats(lse_j, zy, sj.sumz, L.eps, C);
             },
             lse_b, w_b, p.loss + b, p.index + b);
@@ -340,7 +368,11 @@ void forward_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& rad
                   double temperature, int64_t ignore_index, const Loss& L, WorstOfKForward& out) {
   if constexpr (Loss::kSmallRowBatches) {
     const int64_t C = logits.size(2);
-    if ((C > 0 && C <= cpu::kSmallRow) || is_class_major(C, logits.stride(2))) {
+    if (is_class_major(C, logits.stride(2))) {
+      forward_class_major(logits, temperature, ignore_index, L, out);
+      return;
+    }
+    if (C > 0 && C <= cpu::kSmallRow) {
       forward_small_rows(logits, radius, temperature, ignore_index, L, out);
       return;
     }
