@@ -35,6 +35,11 @@ TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
       "reduce_cross_entropy(Tensor per_sample, Tensor target, int ignore_index, str reduction, "
       "Tensor? weight=None) -> Tensor");
 
+  // Internal (fastmargin/_ce_layout.py, eager only): spatial logits (N, C, d1, ...) as the
+  // (N * d1 * ..., 1, C) rows the ops above read, in the layout the device's kernels read
+  // fastest: class-major on the CPU (csrc/cpu/class_last.cpp), class-contiguous elsewhere.
+  m.def("_class_last(Tensor logits) -> Tensor");
+
   // --- multiclass margin ---
   // Margins m = z_y - max_{c != y} z_c of (N, C) logits (C >= 2, class dim contiguous), in
   // float32 (float64 for float64 logits), and the int64 runner-up class (ties to the lowest

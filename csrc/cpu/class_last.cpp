@@ -45,8 +45,6 @@ at::Tensor class_last_composite(const at::Tensor& x) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastmargin, m) { m.def("_class_last(Tensor logits) -> Tensor"); }
-
 TORCH_LIBRARY_IMPL(fastmargin, CPU, m) { m.impl("_class_last", &class_last_cpu); }
 
 TORCH_LIBRARY_IMPL(fastmargin, CompositeExplicitAutograd, m) {
