@@ -53,7 +53,11 @@ def _call(x, y, **kw):
     x = x.detach().requires_grad_(True)
     out = fm.worst_of_k_cross_entropy(x, y, **kw)
     loss = out[0] if isinstance(out, tuple) else out
-    g_out = torch.linspace(0.5, 1.5, loss.numel()).to(loss.dtype) if loss.dim() else None
+    g_out = (
+        torch.linspace(0.5, 1.5, loss.numel()).to(loss.dtype).reshape(loss.shape)
+        if loss.dim()
+        else None
+    )
     (grad,) = torch.autograd.grad(loss, x, g_out)
     return out, grad, loss.grad_fn
 
@@ -374,3 +378,52 @@ def test_radius_errors_name_the_first_bad_value():
         r = torch.tensor([0.1, 0.2, bad, 0.3])
         with pytest.raises(ValueError, match=rf"got {shown} \(at index 2\)"):
             fm.weight_robust_cross_entropy(x, y, r)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 4, 3, 5), (1, 21, 8, 8)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_spatial_fast_path_equals_op_path_bit_for_bit(shape, reduction, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    logits = torch.randn(shape, generator=g).to(dtype)
+    y = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    y.view(-1)[1] = -100
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    kw = dict(reduction=reduction, label_smoothing=0.1, weight=torch.rand(shape[1], dtype=stats))
+    with counting_fast_calls() as answered:
+        fast, fast_grad, _ = _call(logits, y, **kw, return_index=True)
+    assert answered == [True]
+    with general_path():
+        slow, slow_grad, _ = _call(logits, y, **kw, return_index=True)
+    for f, s in zip(fast, slow):
+        assert f.shape == s.shape and f.dtype == s.dtype
+        torch.testing.assert_close(f, s, rtol=0, atol=0)
+    torch.testing.assert_close(fast_grad, slow_grad, rtol=0, atol=0)
+    want = F.cross_entropy(logits.double(), y, **{**kw, "weight": kw["weight"].double()})
+    torch.testing.assert_close(fast[0].double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_spatial_layouts_the_fast_path_leaves_to_the_general_path():
+    x = torch.randn(2, 3, 4, 5)
+    y = torch.randint(0, 3, (2, 4, 5))
+    with counting_fast_calls() as answered:
+        fm.worst_of_k_cross_entropy(x.to(memory_format=torch.channels_last), y)  # not contiguous
+        fm.worst_of_k_cross_entropy(x[:, :1], y.clamp(max=0))  # one class
+        fm.worst_of_k_cross_entropy(x[..., :1, :1], y[:, :1, :1])  # one position
+        fm.worst_of_k_cross_entropy(x, y.int())  # int32 target
+    assert answered == [False] * 4
+
+
+def test_spatial_double_backward_through_the_fast_path():
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (2, 4))
+    with counting_fast_calls() as answered:
+        fm.worst_of_k_cross_entropy(x, y)
+    assert answered == [True]
+    assert torch.autograd.gradcheck(lambda z: fm.worst_of_k_cross_entropy(z, y), (x,))
+    assert torch.autograd.gradgradcheck(lambda z: fm.worst_of_k_cross_entropy(z, y), (x,))
+    (g,) = torch.autograd.grad(fm.worst_of_k_cross_entropy(x, y), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(x, y), x, create_graph=True)
+    (gg_ce,) = torch.autograd.grad(g_ce.pow(2).sum(), x)
+    torch.testing.assert_close(gg, gg_ce)

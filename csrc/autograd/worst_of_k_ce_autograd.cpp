@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "fastmargin/op_handles.h"
 #include "fastmargin/reduce_cross_entropy.h"
@@ -90,18 +91,33 @@ at::Tensor mean_divisor(const at::Tensor& target, int64_t ignore_index,
   return at::scalar_tensor(count, as_long);
 }
 
-// The (B, k, C) rows of logits in `layout` (a view; see worst_of_k_ce_autograd.h), and a
-// gradient of the rows back in the logits' layout (a view too). Inside the node, so that no view
-// node of its own is recorded: one node per loss.
+// The (B, k, C) rows of logits in `layout` (see worst_of_k_ce_autograd.h): a view, or for
+// spatial logits the one copy of fastmargin::_class_last. Inside the node, so that no view node
+// of its own is recorded: one node per loss.
 at::Tensor rows_of(const at::Tensor& logits, int64_t layout) {
   if (layout == kCopiesFirst) return logits.transpose(0, 1);
   if (layout == kOneCopy) return logits.unsqueeze(1);
+  if (layout == kSpatial) return class_last_op().call(logits);
   return logits;
 }
 
-at::Tensor grad_in_layout(const at::Tensor& grad_rows, int64_t layout) {
+// The rows of spatial logits as differentiable PyTorch ops (the create_graph path differentiates
+// through them; the values equal _class_last's).
+at::Tensor differentiable_spatial_rows(const at::Tensor& logits) {
+  const int64_t C = logits.size(1);
+  return logits.movedim(1, -1).reshape({-1, 1, C});
+}
+
+// A gradient of the rows, back in the logits' layout (a view).
+at::Tensor grad_in_layout(const at::Tensor& grad_rows, int64_t layout, at::IntArrayRef shape) {
   if (layout == kCopiesFirst) return grad_rows.transpose(0, 1);
   if (layout == kOneCopy) return grad_rows.squeeze(1);
+  if (layout == kSpatial) {  // (N * d1 * ..., 1, C) -> (N, d1, ..., C) -> (N, C, d1, ...)
+    std::vector<int64_t> class_last(shape.begin(), shape.end());
+    class_last.erase(class_last.begin() + 1);
+    class_last.push_back(shape[1]);
+    return grad_rows.reshape(class_last).movedim(-1, 1);
+  }
   return grad_rows;
 }
 
@@ -152,15 +168,17 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
                                const c10::optional<at::Tensor>& class_weight, int64_t reduction,
                                int64_t layout, Statistics* statistics) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, lse, weight, index, dradius] =
-        worst_of_k_ce_fwd_op().call(rows_of(logits, layout), target, radius, temperature,
-                                    label_smoothing, ignore_index, class_weight);
+    const at::Tensor rows = rows_of(logits, layout);
+    auto [loss, lse, weight, index, dradius] = worst_of_k_ce_fwd_op().call(
+        rows, target, radius, temperature, label_smoothing, ignore_index, class_weight);
     at::Tensor divisor;  // set for 'mean'
     if (reduction != at::Reduction::None) {
       loss = reduce_forward(loss, target, ignore_index, class_weight, reduction, &divisor);
     }
+    // Spatial rows are a copy: saved, not made again in the backward.
     ctx->save_for_backward({logits, target, radius.value_or(at::Tensor()), lse, weight, dradius,
-                            class_weight.value_or(at::Tensor()), index, divisor});
+                            class_weight.value_or(at::Tensor()), index, divisor,
+                            layout == kSpatial ? rows : at::Tensor()});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -180,8 +198,11 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     if (!grad_loss.defined()) return out;
     const auto saved = ctx->get_saved_variables();
     const int64_t layout = ctx->saved_data["layout"].toInt();
-    // The rows of the logits as saved (with create_graph=True a differentiable view of them).
-    const at::Tensor logits = rows_of(saved[0], layout);
+    // The rows of the logits (with create_graph=True differentiable functions of them).
+    const at::Tensor& input = saved[0];
+    const at::Tensor logits = layout != kSpatial           ? rows_of(input, layout)
+                              : at::GradMode::is_enabled() ? differentiable_spatial_rows(input)
+                                                           : saved[9];
     const at::Tensor &target = saved[1], &radius = saved[2], &lse = saved[3], &weight = saved[4],
                      &dradius = saved[5], &class_weight = saved[6], &index = saved[7],
                      &divisor = saved[8];
@@ -201,7 +222,7 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
           grad_loss, logits, target, optional_of(radius), optional_of(class_weight), index,
           ctx->saved_data["temperature"].toDouble(), label_smoothing, ignore_index, need_logits,
           need_target, need_radius);
-      if (need_logits) out[0] = grad_in_layout(g_logits, layout);
+      if (need_logits) out[0] = grad_in_layout(g_logits, layout, input.sizes());
       if (need_target) out[1] = g_target;
       if (need_radius) out[2] = g_radius;
       return out;
@@ -214,7 +235,7 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
       out[0] = grad_in_layout(
           worst_of_k_ce_bwd_op().call(grad_loss, logits, target, optional_of(radius), lse, weight,
                                       label_smoothing, ignore_index, optional_of(class_weight)),
-          layout);
+          layout, input.sizes());
     }
     if (need_target) {
       out[1] =

@@ -22,7 +22,8 @@
 //                            reduction, return_index, weight, dtype, validate)
 //       -> loss | (loss, index) | None
 //     fastmargin.worst_of_k_cross_entropy for the common case, unchecked arguments and all:
-//     (N, C) logits without dim or (k, B, C) / (B, k, C) with it, int64 class indices, class
+//     (N, C) or contiguous spatial (N, C, d1, ...) logits without dim, or (k, B, C) /
+//     (B, k, C) with it, int64 class indices, class
 //     weights None or already in the statistics dtype, scalars of the exact Python types in
 //     range, and (with validate) CPU targets all in range. Anything else, valid or not, gives
 //     None: the caller then runs the general path, which computes the same thing or raises its
@@ -215,7 +216,15 @@ bool floating(at::ScalarType t) {
 // shape read off the logits without making a view; -1 for anything else.
 int64_t common_layout(const at::Tensor& logits, PyObject* dim, int64_t* B, int64_t* C) {
   int64_t layout = -1, k = 1, class_dim = 2;
-  if (dim == Py_None) {
+  if (dim == Py_None && logits.dim() >= 3) {
+    // Spatial: contiguous logits with more than one class and position (the other spatial
+    // inputs, e.g. channels-last, take the general path), rows (N * d1 * ..., 1, C).
+    const int64_t N = logits.size(0);
+    *C = logits.size(1);
+    if (!logits.is_contiguous() || *C < 2 || logits.numel() <= N * *C) return -1;
+    *B = logits.numel() / *C;
+    return fastmargin::kSpatial;
+  } else if (dim == Py_None) {
     if (logits.dim() != 2) return -1;
     layout = fastmargin::kOneCopy;
     *B = logits.size(0);
@@ -236,6 +245,15 @@ int64_t common_layout(const at::Tensor& logits, PyObject* dim, int64_t* B, int64
   return layout;
 }
 
+// A spatial class-index target: (N, d1, ...) for logits (N, C, d1, ...).
+bool spatial_target(const at::Tensor& logits, const at::Tensor& target) {
+  if (target.dim() != logits.dim() - 1 || target.size(0) != logits.size(0)) return false;
+  for (int64_t d = 1; d < target.dim(); ++d) {
+    if (target.size(d) != logits.size(d + 1)) return false;
+  }
+  return true;
+}
+
 PyObject* worst_of_k_cross_entropy(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_arg_count(nargs, 11, "worst_of_k_cross_entropy");
@@ -247,10 +265,14 @@ PyObject* worst_of_k_cross_entropy(PyObject* /*module*/, PyObject* const* args, 
   int64_t B = 0, C = 0;
   const int64_t layout = common_layout(logits, args[2], &B, &C);
   if (layout < 0) Py_RETURN_NONE;
-  if (target.scalar_type() != at::kLong || target.dim() != 1 || target.size(0) != B ||
-      target.device() != logits.device()) {
+  if (target.scalar_type() != at::kLong || target.device() != logits.device()) Py_RETURN_NONE;
+  const bool spatial = layout == fastmargin::kSpatial;
+  if (spatial ? !spatial_target(logits, target) : (target.dim() != 1 || target.size(0) != B)) {
     Py_RETURN_NONE;
   }
+  // One class index per row: the positions of a spatial target in order (a view when it is
+  // contiguous).
+  const at::Tensor rows_target = spatial ? target.reshape({-1}) : target;
   double temperature = 0.0, label_smoothing = 0.0;
   if (!plain_nonnegative(args[3], HUGE_VAL, &temperature) ||
       !plain_nonnegative(args[4], 1.0, &label_smoothing) || !PyLong_CheckExact(args[5])) {
@@ -277,12 +299,16 @@ PyObject* worst_of_k_cross_entropy(PyObject* /*module*/, PyObject* const* args, 
   if (args[10] == Py_True) {  // validation on: CPU targets are checked here, others in Python
     if (!target.device().is_cpu()) Py_RETURN_NONE;
     bool found = false;
-    first_bad(target, C, true, ignore_index, &found);
+    first_bad(rows_target, C, true, ignore_index, &found);
     if (found) Py_RETURN_NONE;  // the general path raises the IndexError
   }
   auto [loss, index] =
-      loss_in_dtype(logits, layout, target, c10::nullopt, temperature, label_smoothing,
+      loss_in_dtype(logits, layout, rows_target, c10::nullopt, temperature, label_smoothing,
                     ignore_index, weight, reduction, dtype_arg(args[9]));
+  if (spatial) {  // per-sample results in the target's shape, as F.cross_entropy gives them
+    if (reduction == at::Reduction::None) loss = loss.view(target.sizes());
+    index = index.view(target.sizes());
+  }
   if (return_index == Py_True) return pair(std::move(loss), std::move(index));
   return THPVariable_Wrap(std::move(loss));
   END_HANDLE_TH_ERRORS
