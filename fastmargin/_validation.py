@@ -35,6 +35,11 @@ def validation_enabled() -> bool:
     return _VALIDATE and not torch.compiler.is_compiling() and not _capturing_cuda_graph()
 
 
+def validation_enabled_in_eager() -> bool:
+    """:func:`validation_enabled` for a caller that already knows no trace is running."""
+    return _VALIDATE and not _capturing_cuda_graph()
+
+
 def _capturing_cuda_graph() -> bool:
     # No CUDA context yet means no capture; the query itself would initialise CUDA.
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()

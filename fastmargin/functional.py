@@ -142,7 +142,7 @@ def worst_of_k_cross_entropy(
     if not inplace_backward and fast_path.available(logits, target, weight):
         out = fast_path.worst_of_k_cross_entropy(
             logits, target, dim, temperature, label_smoothing, ignore_index, reduction,
-            return_index, weight, loss_dtype(logits), v.validation_enabled(),
+            return_index, weight, loss_dtype(logits), v.validation_enabled_in_eager(),
         )  # fmt: skip
         if out is not None:
             return out

@@ -126,14 +126,22 @@ at::Tensor grad_in_layout(const at::Tensor& grad_rows, int64_t layout, at::IntAr
 at::Tensor reduce_forward(const at::Tensor& per_sample, const at::Tensor& target,
                           int64_t ignore_index, const c10::optional<at::Tensor>& class_weight,
                           int64_t reduction, at::Tensor* divisor) {
-  if (reduction == at::Reduction::Sum) return per_sample.sum();
+  at::Tensor total = per_sample.sum();
+  if (reduction == at::Reduction::Sum) return total;
   *divisor = mean_divisor(target, ignore_index, class_weight);
-  // On the CPU, mean() is sum() followed by this same division, in one op instead of two.
-  if (divisor->device().is_cpu() && divisor->scalar_type() == at::kLong &&
-      divisor->const_data_ptr<int64_t>()[0] == per_sample.size(0)) {
-    return per_sample.mean();
+  if (total.device().is_cpu() && divisor->device().is_cpu() &&
+      divisor->scalar_type() == at::kLong) {
+    // A count on the CPU: the same rounded division (the count converted to the sum's dtype,
+    // as ATen's division by an integer tensor converts it), done on the host into the fresh
+    // sum, which nothing else has seen yet, instead of one more ATen op.
+    const int64_t count = divisor->const_data_ptr<int64_t>()[0];
+    AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "worst_of_k_mean", [&] {
+      scalar_t* value = total.mutable_data_ptr<scalar_t>();
+      *value = *value / static_cast<scalar_t>(count);
+    });
+    return total;
   }
-  return per_sample.sum() / *divisor;
+  return total / *divisor;
 }
 
 // The per-sample gradient (B,) for the reduced loss's gradient g: g / divisor ('mean') or g
