@@ -5,9 +5,10 @@ around the kernel costs about a microsecond, F.cross_entropy's whole forward abo
 nothing needs to see those steps as Python calls, ``fastmargin._C`` does them in C++:
 
 * ``worst_of_k_cross_entropy``: the public function of the same name for the common case
-  ((N, C) logits, or k copies along ``dim``; int64 class indices; plain scalars; CPU targets
-  range-checked in one pass). It returns None for anything else, valid or not, and the Python
-  path then computes the same result or raises its error: no rule or message lives in C++.
+  ((N, C) or contiguous spatial logits, or k copies along ``dim``; int64 class indices; plain
+  scalars; targets range-checked in C++, in one pass on the CPU). It returns None for anything
+  else, valid or not, and the Python path then computes the same result or raises its error:
+  no rule or message lives in C++.
 * ``worst_of_k_ce_loss``: the loss of rows the Python layer has checked (the other layouts).
 
 Both run the forward op through the dispatcher and reduce it inside one C++ autograd node

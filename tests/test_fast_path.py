@@ -427,3 +427,25 @@ def test_spatial_double_backward_through_the_fast_path():
     (g_ce,) = torch.autograd.grad(F.cross_entropy(x, y), x, create_graph=True)
     (gg_ce,) = torch.autograd.grad(g_ce.pow(2).sum(), x)
     torch.testing.assert_close(gg, gg_ce)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("validate", [True, False])
+def test_cuda_fast_path_equals_op_path(validate):
+    fm.set_validation(validate)
+    for logits, dim in _layouts():
+        logits = logits.cuda()
+        B = logits.shape[0] if dim in (None, 1, -2) else logits.shape[1]
+        y = torch.randint(0, logits.shape[-1], (B,), device="cuda")
+        y[0] = -100
+        with counting_fast_calls() as answered:
+            (fast, fast_index), fast_grad, _ = _call(logits, y, dim=dim, return_index=True)
+        assert answered == [True]
+        with general_path():
+            (slow, slow_index), slow_grad, _ = _call(logits, y, dim=dim, return_index=True)
+        torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+        assert torch.equal(fast_index, slow_index)
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=0, atol=0)
+        if validate:
+            with pytest.raises(IndexError, match="out of range"):
+                fm.worst_of_k_cross_entropy(logits, y.clamp(min=0) + 1000, dim=dim)

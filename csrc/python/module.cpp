@@ -25,7 +25,7 @@
 //     (N, C) or contiguous spatial (N, C, d1, ...) logits without dim, or (k, B, C) /
 //     (B, k, C) with it, int64 class indices, class
 //     weights None or already in the statistics dtype, scalars of the exact Python types in
-//     range, and (with validate) CPU targets all in range. Anything else, valid or not, gives
+//     range, and (with validate) targets all in range. Anything else, valid or not, gives
 //     None: the caller then runs the general path, which computes the same thing or raises its
 //     own error. So this function never reports an error itself and adds no rule of its own.
 //
@@ -245,6 +245,20 @@ int64_t common_layout(const at::Tensor& logits, PyObject* dim, int64_t* B, int64
   return layout;
 }
 
+// Whether every class index is in [0, C) or ignore_index (validation on). CPU targets: one pass
+// on the host. Others: the same reduction and one host synchronisation as the Python check
+// (fastmargin/_validation.py), with the GIL released while the device finishes.
+bool all_in_range(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  if (target.device().is_cpu()) {
+    bool found = false;
+    first_bad(target, C, true, ignore_index, &found);
+    return !found;
+  }
+  pybind11::gil_scoped_release no_gil;
+  const at::Tensor bad = ((target < 0) | (target >= C)) & (target != ignore_index);
+  return !bad.any().item<bool>();
+}
+
 // A spatial class-index target: (N, d1, ...) for logits (N, C, d1, ...).
 bool spatial_target(const at::Tensor& logits, const at::Tensor& target) {
   if (target.dim() != logits.dim() - 1 || target.size(0) != logits.size(0)) return false;
@@ -296,11 +310,8 @@ PyObject* worst_of_k_cross_entropy(PyObject* /*module*/, PyObject* const* args, 
     }
     weight = w;
   }
-  if (args[10] == Py_True) {  // validation on: CPU targets are checked here, others in Python
-    if (!target.device().is_cpu()) Py_RETURN_NONE;
-    bool found = false;
-    first_bad(rows_target, C, true, ignore_index, &found);
-    if (found) Py_RETURN_NONE;  // the general path raises the IndexError
+  if (args[10] == Py_True && !all_in_range(rows_target, C, ignore_index)) {
+    Py_RETURN_NONE;  // the general path raises the IndexError
   }
   auto [loss, index] =
       loss_in_dtype(logits, layout, rows_target, c10::nullopt, temperature, label_smoothing,
