@@ -115,10 +115,14 @@ FM_HD acc_t ce_from_stats(acc_t lse, acc_t zy_tilde, acc_t sumz_tilde, acc_t eps
 }
 
 // d CE(z~) / d r = sum_c dCE/dz~_c * dz~_c/dr = 2 (q_y - p~_y), q_y = 1 - eps + eps / C.
+// From p~_y = exp(z~_y - lse) (the CPU small-row forward computes a block's exps together).
+template <typename acc_t>
+FM_HD acc_t dce_dradius_from_prob(acc_t p_y, acc_t eps, int64_t C) {
+  return acc_t(2) * (acc_t(1) - eps + eps / acc_t(C) - p_y);
+}
 template <typename acc_t>
 FM_HD acc_t dce_dradius(acc_t lse, acc_t zy_tilde, acc_t eps, int64_t C) {
-  const acc_t p_y = fm_exp(zy_tilde - lse);
-  return acc_t(2) * (acc_t(1) - eps + eps / acc_t(C) - p_y);
+  return dce_dradius_from_prob(fm_exp(zy_tilde - lse), eps, C);
 }
 
 // Reduces the k per-copy losses of one sample to the worst-of-k loss.
