@@ -45,8 +45,9 @@ FM_CPU_CLONES void exp_inplace_f32(float* x, int64_t n) {
 }
 
 FM_CPU_CLONES void small_rows_lanes_f32(const float* x, int64_t stride, int64_t rows, int64_t C,
-                                        bool want_sum, float* mx, float* se, float* sz) {
-  small_rows_lanes(x, stride, rows, C, want_sum, mx, se, sz);
+                                        bool want_sum, RowShift<float> shift, float* mx, float* se,
+                                        float* sz) {
+  small_rows_lanes(x, stride, rows, C, want_sum, shift, mx, se, sz);
 }
 
 FM_CPU_CLONES void softmax_grad_small_rows_f32(const float* z, int64_t zs, int64_t rows, int64_t C,

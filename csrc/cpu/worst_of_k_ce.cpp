@@ -282,12 +282,34 @@ void forward_class_major(const at::Tensor& logits, double temperature, int64_t i
   });
 }
 
+// dL/dr of the valid samples [b0, b1) of a small-row block (sample_dradius): zt holds each row's
+// z~_y - lse, turned into p~_y by one vectorised exp over the block (cpu::exp_inplace) instead of
+// a libm call per row, whose latency dominated the per-sample loop.
+template <typename Loss, typename scalar_t, typename acc_t>
+void small_rows_dradius(const Loss& L, const ForwardRows<scalar_t, acc_t>& p, int64_t b0,
+                        int64_t b1, acc_t* zt) {
+  const int64_t k = p.k;
+  cpu::exp_inplace(zt, (b1 - b0) * k);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t y = L.index_target(b);
+    if (y < 0 || y >= p.C) continue;  // skipped sample: filled by fill_skipped_sample
+    const acc_t* w_b = p.weight + b * k;
+    const acc_t* p_y = zt + (b - b0) * k;
+    acc_t dr = acc_t(0);
+    for (int64_t j = 0; j < k; ++j) {
+      if (w_b[j] == acc_t(0)) continue;
+      dr += w_b[j] * dce_dradius_from_prob(p_y[j], L.eps, p.C);
+    }
+    p.dradius[b] = dr;
+  }
+}
+
 // The plain-loss forward for rows of at most cpu::kSmallRow classes: the k rows of a block of
 // samples are reduced together (cpu::small_rows_stats: the rows of a tile in the lanes of one
 // vector instead of a short pass per row), then each sample's copies are reduced as in
-// forward_impl. Without a radius the rows are read where they lie when they sit at one stride
-// (k = 1, or the copies packed next to each other); otherwise the robust rows are gathered into
-// acc_t scratch first.
+// forward_impl. When the rows sit at one stride (k = 1, or the copies packed next to each other)
+// they are read where they lie, the radius applied as each tile is loaded (cpu::RowShift);
+// otherwise the robust rows are gathered into acc_t scratch first.
 template <typename Loss>
 void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor>& radius,
                         double temperature, int64_t ignore_index, const Loss& L,
@@ -298,21 +320,36 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
   const int64_t B = p.B, k = p.k, C = p.C, sb = p.sb, sk = p.sk;
   const acc_t tau = static_cast<acc_t>(temperature);
   const bool want_sum = L.eps != acc_t(0);
-  const bool direct = !p.rad && (k == 1 || sb == k * sk);
+  const bool direct = k == 1 || sb == k * sk;
   const int64_t row_stride = k == 1 ? sb : sk;                 // of the rows read in place (direct)
   const int64_t block = std::max<int64_t>(1, 1024 / (k * C));  // samples reduced together
   const int64_t grain = std::max<int64_t>(block, 32768 / (k * C));
 
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> xs, es;
+    Scratch<acc_t> xs, es, rs, ts;
+    Scratch<int64_t> ys;
     std::vector<RowStats<acc_t>> st;
     for (int64_t b0 = begin; b0 < end; b0 += block) {
       const int64_t b1 = std::min(end, b0 + block), rows = (b1 - b0) * k;
       st.resize(static_cast<size_t>(rows));
       acc_t* x = nullptr;  // the gathered robust rows (not direct)
       if (direct) {
+        cpu::RowShift<acc_t> shift;
+        if (p.rad) {  // each row's radius and target class (none for skipped samples)
+          acc_t* r = rs.get(rows);
+          int64_t* cls = ys.get(rows);
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t y = L.index_target(b);
+            const bool valid = y >= 0 && y < C;
+            for (int64_t j = 0; j < k; ++j) {
+              r[(b - b0) * k + j] = valid ? p.rad[b] : acc_t(0);
+              cls[(b - b0) * k + j] = valid ? y : -1;
+            }
+          }
+          shift = {r, cls};
+        }
         cpu::small_rows_stats(p.base + b0 * sb, row_stride, rows, C, want_sum, es.get(3 * rows),
-                              st.data());
+                              st.data(), shift);
       } else {
         x = xs.get(rows * C);
         for (int64_t b = b0; b < b1; ++b) {
@@ -332,33 +369,40 @@ void forward_small_rows(const at::Tensor& logits, const c10::optional<at::Tensor
         }
         cpu::small_rows_stats(x, C, rows, C, want_sum, es.get(3 * rows), st.data());
       }
+      // The rows' logsumexps first, in a loop of their own: the log calls pipeline there, while
+      // inside the branchy per-sample loop below each one stalled it.
+      acc_t* lse_rows = p.lse + b0 * k;
+      for (int64_t i = 0; i < rows; ++i) lse_rows[i] = st[static_cast<size_t>(i)].lse();
+      acc_t* zt = ts.get(rows);  // z~_y - lse of each row, for dL/dr (0: skipped sample)
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = L.index_target(b);
         acc_t* lse_b = p.lse + b * k;
         acc_t* w_b = p.weight + b * k;
         p.index[b] = 0;
         const TargetKind kind = classify_target(y, ignore_index, C);
+        if (kind != TargetKind::kClass)
+          std::fill(zt + (b - b0) * k, zt + (b - b0 + 1) * k, acc_t(0));
         if (kind != TargetKind::kClass) {
           cpu::fill_skipped_sample(kind, k, p.loss + b, lse_b, w_b,
                                    p.dradius ? p.dradius + b : nullptr);
           continue;
         }
         const int64_t row0 = (b - b0) * k;
+        const acc_t r = p.rad ? p.rad[b] : acc_t(0);
         cpu::reduce_copies(
             k, tau,
             [&](int64_t j, acc_t& lse_j) {
               const RowStats<acc_t>& sj = st[static_cast<size_t>(row0 + j)];
-              lse_j = sj.lse();
+              lse_j = lse_rows[row0 + j];  // the same element: reduce_copies passes lse_b[j]
               const acc_t zy =
-                  direct ? static_cast<acc_t>(p.base[b * sb + j * sk + y]) : x[(row0 + j) * C + y];
+                  direct ? robust_logit(static_cast<acc_t>(p.base[b * sb + j * sk + y]), true, r)
+                         : x[(row0 + j) * C + y];
+              zt[row0 + j] = zy - lse_j;
               return ce_from_stats(lse_j, zy, sj.sumz, L.eps, C);
             },
             lse_b, w_b, p.loss + b, p.index + b);
-        if (p.dradius) {
-          p.dradius[b] =
-              sample_dradius(L, p.base + b * sb, sk, k, y, p.rad[b], lse_b, w_b, acc_t(0));
-        }
       }
+      if (p.dradius) small_rows_dradius(L, p, b0, b1, zt);
     }
   });
 }
@@ -501,9 +545,13 @@ void backward_small_rows(const BackwardRows<Loss>& p, int64_t rows) {
       }
       cpu::softmax_grad_small_rows(p.base + t0 * stride, stride, n, C, r, lse, s, L.eps_over_c,
                                    p.gbase + t0 * stride, stride);
+      // The target classes' p~_y in one vectorised exp (a libm call per row cost as much as the
+      // rest of the row), then the target entries rewritten.
+      for (int64_t i = 0; i < n; ++i) zy[i] = robust_logit(zy[i], true, r[i]) - lse[i];
+      cpu::exp_inplace(zy, n);
       for (int64_t i = 0; i < n; ++i) {
         p.gbase[(t0 + i) * stride + y[i]] = static_cast<typename Loss::scalar_t>(
-            ce_grad(robust_logit(zy[i], true, r[i]), true, lse[i], L.eps, L.eps_over_c, s[i]));
+            ce_grad_from_prob(zy[i], true, L.eps, L.eps_over_c, s[i]));
       }
     }
   });

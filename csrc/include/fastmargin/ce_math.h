@@ -115,10 +115,14 @@ FM_HD acc_t ce_from_stats(acc_t lse, acc_t zy_tilde, acc_t sumz_tilde, acc_t eps
 }
 
 // d CE(z~) / d r = sum_c dCE/dz~_c * dz~_c/dr = 2 (q_y - p~_y), q_y = 1 - eps + eps / C.
+// From p~_y = exp(z~_y - lse) (the CPU small-row forward computes a block's exps together).
+template <typename acc_t>
+FM_HD acc_t dce_dradius_from_prob(acc_t p_y, acc_t eps, int64_t C) {
+  return acc_t(2) * (acc_t(1) - eps + eps / acc_t(C) - p_y);
+}
 template <typename acc_t>
 FM_HD acc_t dce_dradius(acc_t lse, acc_t zy_tilde, acc_t eps, int64_t C) {
-  const acc_t p_y = fm_exp(zy_tilde - lse);
-  return acc_t(2) * (acc_t(1) - eps + eps / acc_t(C) - p_y);
+  return dce_dradius_from_prob(fm_exp(zy_tilde - lse), eps, C);
 }
 
 // Reduces the k per-copy losses of one sample to the worst-of-k loss.
@@ -163,14 +167,21 @@ struct CopyReducer {
   }
 };
 
+// ce_grad from p~_c = exp(z~_c - lse) (the CPU small-row backward computes a tile's exps
+// together).
+template <typename acc_t>
+FM_HD acc_t ce_grad_from_prob(acc_t p, bool is_target, acc_t eps, acc_t eps_over_c, acc_t w) {
+  acc_t g = p - eps_over_c;
+  if (is_target) g -= acc_t(1) - eps;
+  return w * g;
+}
+
 // Gradient of CE(z~) with respect to z_c (= z~_c, the shift is constant in z), scaled by w.
 // The target's -(1 - eps) is applied in acc_t before the caller rounds to the logits dtype.
 template <typename acc_t>
 FM_HD acc_t ce_grad(acc_t z_tilde, bool is_target, acc_t lse, acc_t eps, acc_t eps_over_c,
                     acc_t w) {
-  acc_t g = fm_exp(z_tilde - lse) - eps_over_c;
-  if (is_target) g -= acc_t(1) - eps;
-  return w * g;
+  return ce_grad_from_prob(fm_exp(z_tilde - lse), is_target, eps, eps_over_c, w);
 }
 
 }  // namespace fastmargin

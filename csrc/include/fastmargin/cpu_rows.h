@@ -181,6 +181,19 @@ RowStats<acc_t> row_stats(const acc_t* x, int64_t C, bool want_sum) {
 // alone fills few lanes, and the per-row cost of the passes above would dominate.
 constexpr int64_t kSmallRow = 32;
 
+// The robust shift of the rows of a small-rows call: row i is z~ (robust_row) with radius r[i] and
+// target class cls[i] (outside [0, C): every class gets +r[i]). r == nullptr: the rows as given.
+template <typename acc_t>
+struct RowShift {
+  const acc_t* r = nullptr;
+  const int64_t* cls = nullptr;
+
+  // Element c of row i, given the stored value v.
+  acc_t apply(int64_t i, int64_t c, acc_t v) const {
+    return r ? v + (c == cls[i] ? -r[i] : r[i]) : v;
+  }
+};
+
 // Statistics of short rows, kLanes at a time: each tile is transposed into t (C x kLanes, row l
 // of the tile in lane l) so that every per-row reduction and the exps are lane-parallel vector ops
 // with no horizontal step. Per row the operations run in the order of a scalar loop over c.
@@ -188,16 +201,36 @@ constexpr int64_t kSmallRow = 32;
 // max, sum of exp(x_c - max) (shift 0 where the max is not finite) and, when want_sum, sum of x_c
 // of `rows` rows of C <= kSmallRow classes, row i at x + i * stride (the caller redoes non-finite
 // maxima). A short last tile fills its unused lanes with the tile's row 0, computed and dropped.
+//
+// With a radius (shift.r != nullptr) the rows are the robust rows z~ of robust_row, formed while
+// the tile is loaded (z_c + r_i, and z_y + (-r_i) == z_y - r_i bit for bit at c == y_i) instead of
+// being gathered into scratch first.
 template <typename scalar_t, typename acc_t>
 void small_rows_lanes(const scalar_t* x, int64_t stride, int64_t rows, int64_t C, bool want_sum,
-                      acc_t* mx, acc_t* se, acc_t* sz) {
+                      RowShift<acc_t> shift, acc_t* mx, acc_t* se, acc_t* sz) {
   acc_t t[kSmallRow * kLanes];
   for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, rows - r0);
     int64_t at[kLanes];
     for (int l = 0; l < kLanes; ++l) at[l] = (r0 + (l < n ? l : 0)) * stride;
-    for (int64_t c = 0; c < C; ++c) {  // class-outer: contiguous stores, gathered loads
-      for (int l = 0; l < kLanes; ++l) t[c * kLanes + l] = static_cast<acc_t>(x[at[l] + c]);
+    if (shift.r) {
+      acc_t up[kLanes], down[kLanes];
+      int64_t y[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t i = r0 + (l < n ? l : 0);
+        up[l] = shift.r[i];
+        down[l] = -up[l];
+        y[l] = shift.cls[i];
+      }
+      for (int64_t c = 0; c < C; ++c) {  // branch-free select: vectorises as a blend
+        for (int l = 0; l < kLanes; ++l) {
+          t[c * kLanes + l] = static_cast<acc_t>(x[at[l] + c]) + (c == y[l] ? down[l] : up[l]);
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {  // class-outer: contiguous stores, gathered loads
+        for (int l = 0; l < kLanes; ++l) t[c * kLanes + l] = static_cast<acc_t>(x[at[l] + c]);
+      }
     }
     acc_t m[kLanes], sh[kLanes], e[kLanes] = {}, z[kLanes] = {};
     for (int l = 0; l < kLanes; ++l) m[l] = neg_inf<acc_t>();
@@ -249,7 +282,7 @@ void softmax_grad_small_rows_loop(const scalar_t* z, int64_t zs, int64_t rows, i
 }
 
 void small_rows_lanes_f32(const float* x, int64_t stride, int64_t rows, int64_t C, bool want_sum,
-                          float* mx, float* se, float* sz);
+                          RowShift<float> shift, float* mx, float* se, float* sz);
 void softmax_grad_small_rows_f32(const float* z, int64_t zs, int64_t rows, int64_t C,
                                  const float* r, const float* lse, const float* s, float a_off,
                                  float* out, int64_t os);
@@ -265,17 +298,17 @@ void softmax_grad_small_rows(const scalar_t* z, int64_t zs, int64_t rows, int64_
   }
 }
 
-// RowStats of `rows` rows of C classes (C <= kSmallRow), row i at x + i * stride, through
-// small_rows_lanes; e is acc_t scratch of 3 * rows. Rows whose max is not finite take the scalar
-// online pass, as in row_stats.
+// RowStats of `rows` rows of C classes (C <= kSmallRow), row i at x + i * stride (the robust row
+// when `shift` has a radius), through small_rows_lanes; e is acc_t scratch of 3 * rows. Rows whose
+// max is not finite take the scalar online pass, as in row_stats.
 template <typename scalar_t, typename acc_t>
 void small_rows_stats(const scalar_t* x, int64_t stride, int64_t rows, int64_t C, bool want_sum,
-                      acc_t* e, RowStats<acc_t>* st) {
+                      acc_t* e, RowStats<acc_t>* st, RowShift<acc_t> shift = {}) {
   acc_t *mx = e, *se = e + rows, *sz = e + 2 * rows;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    small_rows_lanes_f32(x, stride, rows, C, want_sum, mx, se, sz);
+    small_rows_lanes_f32(x, stride, rows, C, want_sum, shift, mx, se, sz);
   } else {
-    small_rows_lanes(x, stride, rows, C, want_sum, mx, se, sz);
+    small_rows_lanes(x, stride, rows, C, want_sum, shift, mx, se, sz);
   }
   for (int64_t i = 0; i < rows; ++i) {
     if (is_finite(mx[i])) {
@@ -283,7 +316,9 @@ void small_rows_stats(const scalar_t* x, int64_t stride, int64_t rows, int64_t C
       continue;
     }
     st[i] = RowStats<acc_t>::empty();
-    for (int64_t c = 0; c < C; ++c) st[i].add(static_cast<acc_t>(x[i * stride + c]), want_sum);
+    for (int64_t c = 0; c < C; ++c) {
+      st[i].add(shift.apply(i, c, static_cast<acc_t>(x[i * stride + c])), want_sum);
+    }
   }
 }
 
