@@ -38,6 +38,24 @@ def test_cpu_rows_are_class_major_copies(shape, dtype):
     assert rows.data_ptr() != x.data_ptr()
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x.contiguous(memory_format=torch.channels_last),
+        lambda x: x[:, :, ::2],
+        lambda x: x.transpose(2, 3),
+    ],
+)
+def test_cpu_rows_of_non_contiguous_logits_are_class_major_copies(make):
+    # Contiguous logits are copied run by run (one memcpy per sample and class); other layouts
+    # take the strided copy.
+    x = make(_random((2, 5, 6, 4), torch.float32))
+    assert not x.is_contiguous()
+    rows = ops._class_last(x)
+    assert torch.equal(rows, x.movedim(1, -1).reshape(-1, 1, 5))
+    assert rows.stride(0) == 1 and rows.stride(2) == rows.shape[0]
+
+
 def test_other_devices_get_contiguous_rows():
     x = _random((2, 5, 3, 9), torch.float32)
     meta = ops._class_last(x.to("meta"))  # the CompositeExplicitAutograd kernel

@@ -11,10 +11,13 @@
 //
 // _ce_layout.py calls it in eager mode only, inside an autograd.Function (a traced graph and the
 // AD transforms keep movedim + reshape), so it needs no fake kernel or autograd formula.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace fastmargin {
@@ -34,7 +37,22 @@ SpatialShape spatial_shape(const at::Tensor& x) {
 at::Tensor class_last_cpu(const at::Tensor& x) {
   const SpatialShape sh = spatial_shape(x);
   at::Tensor memory = at::empty({sh.C, sh.N * sh.S}, x.options());
-  memory.view({sh.C, sh.N, sh.S}).copy_(x.reshape({sh.N, sh.C, sh.S}).transpose(0, 1));
+  if (!x.is_contiguous() || x.is_conj() || x.is_neg()) {
+    memory.view({sh.C, sh.N, sh.S}).copy_(x.reshape({sh.N, sh.C, sh.S}).transpose(0, 1));
+  } else {
+    // Contiguous logits: each (sample, class) run of S positions is one memcpy, without the
+    // TensorIterator set-up of copy_ (a sizeable part of the copy at segmentation sizes).
+    const int64_t run = sh.S * static_cast<int64_t>(x.element_size());
+    const char* src = static_cast<const char*>(x.const_data_ptr());
+    char* dst = static_cast<char*>(memory.mutable_data_ptr());
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(run, 1));
+    at::parallel_for(0, sh.N * sh.C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / sh.C, c = i % sh.C;  // src run i = (n, c), dst run (c, n)
+        std::memcpy(dst + (c * sh.N + n) * run, src + i * run, static_cast<size_t>(run));
+      }
+    });
+  }
   return memory.t().unsqueeze(1);
 }
 

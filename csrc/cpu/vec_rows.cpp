@@ -57,14 +57,14 @@ FM_CPU_CLONES void softmax_grad_small_rows_f32(const float* z, int64_t zs, int64
 }
 
 FM_CPU_CLONES void class_major_stats_f32(const float* x, int64_t cs, int64_t rows, int64_t C,
-                                         bool want_sum, float* mx, float* se, float* sz) {
-  class_major_stats_loop(x, cs, rows, C, want_sum, mx, se, sz);
+                                         bool want_sum, float* mx, float* lse, float* sz) {
+  class_major_stats_loop(x, cs, rows, C, want_sum, mx, lse, sz);
 }
 
 FM_CPU_CLONES void class_major_grad_f32(const float* z, int64_t cs, int64_t rows, int64_t C,
-                                        const float* r, const float* lse, const float* s,
-                                        float a_off, float* out) {
-  class_major_grad_loop(z, cs, rows, C, r, lse, s, a_off, out);
+                                        const int32_t* y, const float* r, const float* lse,
+                                        const float* s, float a_off, float q_off, float* out) {
+  class_major_grad_loop(z, cs, rows, C, y, r, lse, s, a_off, q_off, out);
 }
 
 FM_CPU_CLONES void noise_blocks_f32(uint64_t seed, const uint64_t* w, const uint64_t* row,

@@ -230,51 +230,82 @@ struct ForwardRows {
 // no radius reads them; the entry points give every other call contiguous rows first.
 bool is_class_major(int64_t C, int64_t cs) { return C > 1 && cs != 1; }
 
+// Whether rows [b0, b0 + n) of a class-major block all have a class target and a finite max (so
+// their statistics stand as class_major_stats computed them): a branch-free check, so the common
+// block takes a loop without per-row branches.
+template <typename Loss, typename acc_t>
+bool all_plain_rows(int64_t b0, int64_t n, const acc_t* mx, int64_t C, int64_t ignore_index,
+                    const Loss& L) {
+  bool plain = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t y = L.index_target(b0 + i);
+    plain &= (y >= 0) & (y < C) & (y != ignore_index) & (mx[i] - mx[i] == acc_t(0));
+  }
+  return plain;
+}
+
 // The plain-loss forward of class-major rows (k = 1, no radius): blocks of consecutive rows, their
-// statistics from cpu::class_major_stats (a few vector loads per class), the logsumexps in one
-// loop of their own (the log calls pipeline), then each row's loss as in forward_small_rows.
+// statistics and logsumexps from cpu::class_major_stats (a few vector loads per class, the logs in
+// lanes), then each row's loss as in forward_small_rows. With the hard maximum (tau = 0) one copy's
+// loss is the sample's loss, weight 1 (reduce_copies' result, written directly; a block whose rows
+// are all plain in a loop of its own).
 template <typename Loss>
 void forward_class_major(const at::Tensor& logits, double temperature, int64_t ignore_index,
                          const Loss& L, WorstOfKForward& out) {
   using scalar_t = typename Loss::scalar_t;
   using acc_t = typename Loss::acc_t;
+  constexpr int64_t kBlock = 4 * cpu::kMajorTile;
   const ForwardRows<scalar_t, acc_t> p(logits, c10::nullopt, out);
   const int64_t B = p.B, C = p.C, cs = p.cs;
   const acc_t tau = static_cast<acc_t>(temperature);
   const bool want_sum = L.eps != acc_t(0);
-  const int64_t block = cpu::kMajorTile * std::max<int64_t>(1, 4096 / (cpu::kMajorTile * C));
-  const int64_t grain = std::max<int64_t>(block, 32768 / C);
+  const int64_t grain = std::max<int64_t>(kBlock, 32768 / C);
 
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> es;
-    for (int64_t b0 = begin; b0 < end; b0 += block) {
-      const int64_t n = std::min(end - b0, block);
-      acc_t* mx = es.get(4 * n);
-      acc_t *se = mx + n, *sz = se + n, *lse = sz + n;
-      cpu::class_major_stats(p.base + b0, cs, n, C, want_sum, mx, se, sz);
-      for (int64_t i = 0; i < n; ++i) lse[i] = RowStats<acc_t>{mx[i], se[i], sz[i]}.lse();
+    acc_t mx[kBlock], lse[kBlock], sz[kBlock];
+    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+      const int64_t n = std::min(end - b0, kBlock);
+      cpu::class_major_stats(p.base + b0, cs, n, C, want_sum, mx, lse, sz);
+      if (tau == acc_t(0) && all_plain_rows(b0, n, mx, C, ignore_index, L)) {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = b0 + i;
+          const acc_t zy = static_cast<acc_t>(p.base[b + L.index_target(b) * cs]);
+          p.loss[b] = ce_from_stats(lse[i], zy, sz[i], L.eps, C);
+          p.lse[b] = lse[i];
+          p.weight[b] = acc_t(1);
+          p.index[b] = 0;
+        }
+        continue;
+      }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = b0 + i, y = L.index_target(b);
-        p.index[b] = 0;
         const TargetKind kind = classify_target(y, ignore_index, C);
+        p.index[b] = 0;
         if (kind != TargetKind::kClass) {
           cpu::fill_skipped_sample(kind, 1, p.loss + b, p.lse + b, p.weight + b,
                                    static_cast<acc_t*>(nullptr));
           continue;
         }
-        RowStats<acc_t> st{mx[i], se[i], sz[i]};
+        RowStats<acc_t> st{mx[i], acc_t(0), sz[i]};
         acc_t lse_b = lse[i];
         if (!cpu::is_finite(mx[i])) {  // all -inf / +inf / all NaN: the scalar online pass
           st = RowStats<acc_t>::empty();
           for (int64_t c = 0; c < C; ++c) st.add(static_cast<acc_t>(p.base[b + c * cs]), want_sum);
           lse_b = st.lse();
         }
-        const acc_t zy = static_cast<acc_t>(p.base[b + y * cs]);
+        const acc_t loss =
+            ce_from_stats(lse_b, static_cast<acc_t>(p.base[b + y * cs]), st.sumz, L.eps, C);
+        if (tau == acc_t(0)) {
+          p.lse[b] = lse_b;
+          p.weight[b] = acc_t(1);
+          p.loss[b] = loss;
+          continue;
+        }
         cpu::reduce_copies(
             1, tau,
             [&](int64_t, acc_t& lse_j) {
               lse_j = lse_b;
-              return ce_from_stats(lse_b, zy, st.sumz, L.eps, C);
+              return loss;
             },
             p.lse + b, p.weight + b, p.loss + b, p.index + b);
       }
@@ -558,9 +589,9 @@ void backward_small_rows(const BackwardRows<Loss>& p, int64_t rows) {
 }
 
 // The plain-loss backward of class-major rows (k = 1, the gradient laid out as the logits): blocks
-// of consecutive rows, a few vectors per class (cpu::class_major_grad); the target class is
-// rewritten after from the target logit read first (the in-place backward writes over the
-// logits), and rows without a gradient (weight 0: zeros; an invalid target: NaN) are overwritten.
+// of consecutive rows, a few vectors per class (cpu::class_major_grad, which also applies the
+// target class's term in its lanes); rows without a gradient (weight 0: zeros; an invalid target:
+// NaN) are overwritten after.
 template <typename Loss>
 void backward_class_major(const BackwardRows<Loss>& p, int64_t rows) {
   using scalar_t = typename Loss::scalar_t;
@@ -569,28 +600,27 @@ void backward_class_major(const BackwardRows<Loss>& p, int64_t rows) {
   const Loss& L = p.L;
   const int64_t C = p.C, cs = p.cs;
   const int64_t grain = std::max<int64_t>(kBlock, 32768 / C);
+  const acc_t q_off = acc_t(1) - L.eps;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    acc_t r[kBlock], lse[kBlock], s[kBlock], zy[kBlock];
-    int64_t y[kBlock];
+    acc_t r[kBlock], lse[kBlock], s[kBlock];
+    int32_t y[kBlock];
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int64_t n = std::min(kBlock, end - b0);
+      bool all_dense = true;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = b0 + i, yi = L.index_target(b);
         const bool dense = p.w[b] != acc_t(0) && yi >= 0 && yi < C;
-        y[i] = dense ? yi : -1;
+        all_dense = all_dense && dense;
+        y[i] = dense ? static_cast<int32_t>(yi) : -1;
         r[i] = dense && p.rad ? p.rad[b] : acc_t(0);
         lse[i] = dense ? p.lse[b] : acc_t(0);
         s[i] = dense ? p.w[b] * p.g[b] : acc_t(0);
-        zy[i] = dense ? acc_t(p.base[b + yi * cs]) : acc_t(0);
       }
-      cpu::class_major_grad(p.base + b0, cs, n, C, r, lse, s, L.eps_over_c, p.gbase + b0);
+      cpu::class_major_grad(p.base + b0, cs, n, C, y, r, lse, s, L.eps_over_c, q_off, p.gbase + b0);
+      if (all_dense) continue;
       for (int64_t i = 0; i < n; ++i) {
+        if (y[i] >= 0) continue;
         scalar_t* out = p.gbase + b0 + i;
-        if (y[i] >= 0) {
-          out[y[i] * cs] = static_cast<scalar_t>(
-              ce_grad(robust_logit(zy[i], true, r[i]), true, lse[i], L.eps, L.eps_over_c, s[i]));
-          continue;
-        }
         const scalar_t fill = p.w[b0 + i] == acc_t(0)
                                   ? scalar_t(0)  // unselected copy or ignored sample
                                   : static_cast<scalar_t>(quiet_nan<acc_t>());  // invalid target

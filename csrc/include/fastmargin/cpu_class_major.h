@@ -10,7 +10,10 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "fastmargin/ce_math.h"
@@ -30,9 +33,47 @@ inline int64_t lane_row(int64_t r0, int l, int64_t n) {
   return kFull ? r0 + l : r0 + (l < n ? l : 0);
 }
 
+// log(x) for float in lanes (Cephes' logf polynomial, ~1 ulp): x = 2^e m with m in
+// [sqrt(1/2), sqrt(2)), log x = e ln 2 + log(m), ln 2 split in two constants. Subnormals are
+// scaled by 2^25 first; 0 gives -inf, x < 0 NaN, +inf +inf, NaN stays NaN. std::log does not
+// vectorise, and the per-row logsumexp of a class-major tile is then one scalar call per row.
+inline float log_lane(float x) {
+  const bool sub = x < 1.17549435e-38f;  // also 0 and negatives, fixed up below
+  const float xs = sub ? x * 33554432.0f : x;
+  int32_t bits;
+  std::memcpy(&bits, &xs, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 127 - (sub ? 25 : 0);
+  const int32_t mbits = (bits & 0x007fffff) | 0x3f800000;  // m in [1, 2)
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool big = m > 1.41421356f;
+  e += big ? 1 : 0;
+  const float f = (big ? m * 0.5f : m) - 1.0f;
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float fe = static_cast<float>(e);
+  float y = p * f * z;
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  const float r = (f + y) + 0.693359375f * fe;
+  const float inf = std::numeric_limits<float>::infinity();
+  if (x != x || x == inf) return x;
+  return x > 0.0f ? r : (x == 0.0f ? -inf : std::numeric_limits<float>::quiet_NaN());
+}
+
+inline double log_lane(double x) { return std::log(x); }
+
 template <bool kFull, typename scalar_t, typename acc_t>
 void class_major_stats_tile(const scalar_t* x, int64_t cs, int64_t r0, int64_t n, int64_t C,
-                            bool want_sum, acc_t* mx, acc_t* se, acc_t* sz) {
+                            bool want_sum, acc_t* mx, acc_t* lse, acc_t* sz) {
   acc_t m[kMajorTile], sh[kMajorTile], e[kMajorTile] = {}, z[kMajorTile] = {};
   for (int l = 0; l < kMajorTile; ++l) m[l] = neg_inf<acc_t>();
   for (int64_t c = 0; c < C; ++c) {
@@ -56,88 +97,106 @@ void class_major_stats_tile(const scalar_t* x, int64_t cs, int64_t r0, int64_t n
         z[l] += static_cast<acc_t>(xc[lane_row<kFull>(r0, l, n)]);
     }
   }
+  for (int l = 0; l < kMajorTile; ++l) e[l] = m[l] + log_lane(e[l]);
   for (int64_t l = 0; l < n; ++l) {
     mx[r0 + l] = m[l];
-    se[r0 + l] = e[l];
+    lse[r0 + l] = e[l];
     sz[r0 + l] = z[l];
   }
 }
 
-// max, sum of exp(x_c - max) (shift 0 where the max is not finite) and, when want_sum, sum of x_c
-// of rows [0, rows) (the caller redoes non-finite maxima with the scalar online pass).
+// max, logsumexp (max + log of the sum of exp(x_c - max)) and, when want_sum, sum of x_c of rows
+// [0, rows). The logsumexp is right where the max is finite; the caller redoes the other rows
+// with the scalar online pass.
 template <typename scalar_t, typename acc_t>
 void class_major_stats_loop(const scalar_t* x, int64_t cs, int64_t rows, int64_t C, bool want_sum,
-                            acc_t* mx, acc_t* se, acc_t* sz) {
+                            acc_t* mx, acc_t* lse, acc_t* sz) {
   int64_t r0 = 0;
   for (; r0 + kMajorTile <= rows; r0 += kMajorTile) {
-    class_major_stats_tile<true>(x, cs, r0, kMajorTile, C, want_sum, mx, se, sz);
+    class_major_stats_tile<true>(x, cs, r0, kMajorTile, C, want_sum, mx, lse, sz);
   }
-  if (r0 < rows) class_major_stats_tile<false>(x, cs, r0, rows - r0, C, want_sum, mx, se, sz);
+  if (r0 < rows) class_major_stats_tile<false>(x, cs, r0, rows - r0, C, want_sum, mx, lse, sz);
 }
 
+// The gradient of a tile of rows (class_major_grad_loop); lanes compare the class with their
+// row's target, so the target class costs no pass of its own.
 template <bool kFull, typename scalar_t, typename acc_t>
 void class_major_grad_tile(const scalar_t* z, int64_t cs, int64_t r0, int64_t n, int64_t C,
-                           const acc_t* r, const acc_t* lse, const acc_t* s, acc_t a_off,
-                           scalar_t* out) {
+                           const int32_t* y, const acc_t* r, const acc_t* lse, const acc_t* s,
+                           acc_t a_off, acc_t q_off, scalar_t* out) {
   acc_t rl[kMajorTile], ll[kMajorTile], sl[kMajorTile];
+  int32_t yl[kMajorTile];
   for (int l = 0; l < kMajorTile; ++l) {
     const int64_t i = lane_row<kFull>(r0, l, n);
     rl[l] = r[i];
     ll[l] = lse[i];
     sl[l] = s[i];
+    yl[l] = y[i];
   }
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* zc = z + c * cs;
     scalar_t* oc = out + c * cs;
+    const int32_t ci = static_cast<int32_t>(c);
+    // The target class: exp(z - r - lse) - a_off - q_off, ce_grad's order of operations.
     if (kFull) {
       for (int l = 0; l < kMajorTile; ++l) {
-        const acc_t v = static_cast<acc_t>(zc[r0 + l]);
-        oc[r0 + l] = static_cast<scalar_t>(sl[l] * (exp_lane(v + rl[l] - ll[l]) - a_off));
+        const bool t = yl[l] == ci;
+        const acc_t v = static_cast<acc_t>(zc[r0 + l]) + (t ? -rl[l] : rl[l]);
+        oc[r0 + l] =
+            static_cast<scalar_t>(sl[l] * ((exp_lane(v - ll[l]) - a_off) - (t ? q_off : acc_t(0))));
       }
     } else {
       for (int64_t l = 0; l < n; ++l) {
-        const acc_t v = static_cast<acc_t>(zc[r0 + l]);
-        oc[r0 + l] = static_cast<scalar_t>(sl[l] * (exp_lane(v + rl[l] - ll[l]) - a_off));
+        const bool t = yl[l] == ci;
+        const acc_t v = static_cast<acc_t>(zc[r0 + l]) + (t ? -rl[l] : rl[l]);
+        oc[r0 + l] =
+            static_cast<scalar_t>(sl[l] * ((exp_lane(v - ll[l]) - a_off) - (t ? q_off : acc_t(0))));
       }
     }
   }
 }
 
-// out[i, c] = s_i * (exp(z_i,c + r_i - lse_i) - a_off) for rows [0, rows) and every class, out
-// laid out as z (class stride cs; out may be z: each element is read before it is written): the
-// plain-CE softmax gradient of softmax_grad_loop with A = 1, before the target class's rewrite.
+// out[i, c] = s_i * ((exp(z~_i,c - lse_i) - a_off) - [c == y_i] q_off) for rows [0, rows) and
+// every class, z~ = z - r_i at the target class y_i and z + r_i elsewhere (ce_grad with
+// eps_over_c = a_off, 1 - eps = q_off), out laid out as z (class stride cs; out may be z: each
+// element is read before it is written).
 template <typename scalar_t, typename acc_t>
-void class_major_grad_loop(const scalar_t* z, int64_t cs, int64_t rows, int64_t C, const acc_t* r,
-                           const acc_t* lse, const acc_t* s, acc_t a_off, scalar_t* out) {
+void class_major_grad_loop(const scalar_t* z, int64_t cs, int64_t rows, int64_t C, const int32_t* y,
+                           const acc_t* r, const acc_t* lse, const acc_t* s, acc_t a_off,
+                           acc_t q_off, scalar_t* out) {
   int64_t r0 = 0;
   for (; r0 + kMajorTile <= rows; r0 += kMajorTile) {
-    class_major_grad_tile<true>(z, cs, r0, kMajorTile, C, r, lse, s, a_off, out);
+    class_major_grad_tile<true>(z, cs, r0, kMajorTile, C, y, r, lse, s, a_off, q_off, out);
   }
-  if (r0 < rows) class_major_grad_tile<false>(z, cs, r0, rows - r0, C, r, lse, s, a_off, out);
+  if (r0 < rows) {
+    class_major_grad_tile<false>(z, cs, r0, rows - r0, C, y, r, lse, s, a_off, q_off, out);
+  }
 }
 
 void class_major_stats_f32(const float* x, int64_t cs, int64_t rows, int64_t C, bool want_sum,
-                           float* mx, float* se, float* sz);
-void class_major_grad_f32(const float* z, int64_t cs, int64_t rows, int64_t C, const float* r,
-                          const float* lse, const float* s, float a_off, float* out);
+                           float* mx, float* lse, float* sz);
+void class_major_grad_f32(const float* z, int64_t cs, int64_t rows, int64_t C, const int32_t* y,
+                          const float* r, const float* lse, const float* s, float a_off,
+                          float q_off, float* out);
 
 template <typename scalar_t, typename acc_t>
 void class_major_stats(const scalar_t* x, int64_t cs, int64_t rows, int64_t C, bool want_sum,
-                       acc_t* mx, acc_t* se, acc_t* sz) {
+                       acc_t* mx, acc_t* lse, acc_t* sz) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    class_major_stats_f32(x, cs, rows, C, want_sum, mx, se, sz);
+    class_major_stats_f32(x, cs, rows, C, want_sum, mx, lse, sz);
   } else {
-    class_major_stats_loop(x, cs, rows, C, want_sum, mx, se, sz);
+    class_major_stats_loop(x, cs, rows, C, want_sum, mx, lse, sz);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void class_major_grad(const scalar_t* z, int64_t cs, int64_t rows, int64_t C, const acc_t* r,
-                      const acc_t* lse, const acc_t* s, acc_t a_off, scalar_t* out) {
+void class_major_grad(const scalar_t* z, int64_t cs, int64_t rows, int64_t C, const int32_t* y,
+                      const acc_t* r, const acc_t* lse, const acc_t* s, acc_t a_off, acc_t q_off,
+                      scalar_t* out) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    class_major_grad_f32(z, cs, rows, C, r, lse, s, a_off, out);
+    class_major_grad_f32(z, cs, rows, C, y, r, lse, s, a_off, q_off, out);
   } else {
-    class_major_grad_loop(z, cs, rows, C, r, lse, s, a_off, out);
+    class_major_grad_loop(z, cs, rows, C, y, r, lse, s, a_off, q_off, out);
   }
 }
 
