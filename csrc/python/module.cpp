@@ -246,7 +246,7 @@ int64_t common_layout(const at::Tensor& logits, PyObject* dim, int64_t* B, int64
 }
 
 // Whether every class index is in [0, C) or ignore_index (validation on). CPU targets: one pass
-// on the host. Others: the same reduction and one host synchronisation as the Python check
+// on the host. CUDA: the same reduction and one host synchronisation as the Python check
 // (fastmargin/_validation.py), with the GIL released while the device finishes.
 bool all_in_range(const at::Tensor& target, int64_t C, int64_t ignore_index) {
   if (target.device().is_cpu()) {
@@ -310,8 +310,10 @@ PyObject* worst_of_k_cross_entropy(PyObject* /*module*/, PyObject* const* args, 
     }
     weight = w;
   }
-  if (args[10] == Py_True && !all_in_range(rows_target, C, ignore_index)) {
-    Py_RETURN_NONE;  // the general path raises the IndexError
+  if (args[10] == Py_True) {
+    // Values are read on the CPU and CUDA only (meta tensors have none: the general path knows).
+    if (!target.device().is_cpu() && !target.device().is_cuda()) Py_RETURN_NONE;
+    if (!all_in_range(rows_target, C, ignore_index)) Py_RETURN_NONE;  // the general path raises
   }
   auto [loss, index] =
       loss_in_dtype(logits, layout, rows_target, c10::nullopt, temperature, label_smoothing,
