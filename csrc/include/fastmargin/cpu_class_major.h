@@ -18,6 +18,7 @@
 
 #include "fastmargin/ce_math.h"
 #include "fastmargin/cpu_vec_math.h"
+#include "fastmargin/philox.h"
 
 namespace fastmargin {
 namespace cpu {
@@ -33,37 +34,13 @@ inline int64_t lane_row(int64_t r0, int l, int64_t n) {
   return kFull ? r0 + l : r0 + (l < n ? l : 0);
 }
 
-// log(x) for float in lanes (Cephes' logf polynomial, ~1 ulp): x = 2^e m with m in
-// [sqrt(1/2), sqrt(2)), log x = e ln 2 + log(m), ln 2 split in two constants. Subnormals are
-// scaled by 2^25 first; 0 gives -inf, x < 0 NaN, +inf +inf, NaN stays NaN. std::log does not
-// vectorise, and the per-row logsumexp of a class-major tile is then one scalar call per row.
+// log(x) for float in lanes: philox.h's log_unit (Cephes' logf polynomial, under 1 ulp), with
+// subnormals scaled by 2^25 first; 0 gives -inf, x < 0 NaN, +inf +inf, NaN stays NaN. std::log
+// does not vectorise, and the per-row logsumexp of a class-major tile is then one scalar call
+// per row.
 inline float log_lane(float x) {
   const bool sub = x < 1.17549435e-38f;  // also 0 and negatives, fixed up below
-  const float xs = sub ? x * 33554432.0f : x;
-  int32_t bits;
-  std::memcpy(&bits, &xs, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 127 - (sub ? 25 : 0);
-  const int32_t mbits = (bits & 0x007fffff) | 0x3f800000;  // m in [1, 2)
-  float m;
-  std::memcpy(&m, &mbits, sizeof(m));
-  const bool big = m > 1.41421356f;
-  e += big ? 1 : 0;
-  const float f = (big ? m * 0.5f : m) - 1.0f;
-  const float z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  const float fe = static_cast<float>(e);
-  float y = p * f * z;
-  y += -2.12194440e-4f * fe;
-  y += -0.5f * z;
-  const float r = (f + y) + 0.693359375f * fe;
+  const float r = log_unit(sub ? x * 33554432.0f : x, sub ? 25 : 0);
   const float inf = std::numeric_limits<float>::infinity();
   if (x != x || x == inf) return x;
   return x > 0.0f ? r : (x == 0.0f ? -inf : std::numeric_limits<float>::quiet_NaN());

@@ -94,12 +94,13 @@ FM_HD float bits_float(uint32_t u) {
 // log(u) for a positive normal float u (Cephes' logf): u = 2^e m with m in [sqrt(1/2), sqrt(2)),
 // log u = e ln2 + log(1 + x), x = m - 1 exact, log(1 + x) = x - x^2 / 2 + x^3 P(x), and ln2
 // split in two so e ln2 adds no rounding error of its own. Relative accuracy holds for u near 1
-// (where log u is small) because x is exact.
-FM_HD float log_unit(float u) {
+// (where log u is small) because x is exact. With exponent_offset = s it returns
+// log(u * 2^-s): callers scale a subnormal up by 2^s first (cpu_class_major.h's log_lane).
+FM_HD float log_unit(float u, int32_t exponent_offset = 0) {
   const uint32_t bits = float_bits(u);
   const float m = bits_float((bits & 0x007FFFFFu) | 0x3F000000u);  // in [1/2, 1)
   const bool low = m < 0.707106781186547524f;
-  const int32_t e = static_cast<int32_t>(bits >> 23) - 126 - (low ? 1 : 0);
+  const int32_t e = static_cast<int32_t>(bits >> 23) - 126 - (low ? 1 : 0) - exponent_offset;
   const float x = (low ? m + m : m) - 1.0f;  // exact (Sterbenz)
   const float fe = static_cast<float>(e);
   const float z = x * x;
