@@ -34,6 +34,10 @@ TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
   m.def(
       "reduce_cross_entropy(Tensor per_sample, Tensor target, int ignore_index, str reduction, "
       "Tensor? weight=None) -> Tensor");
+  // The 'mean' divisor of class-index targets (B,): the number of samples whose target is not
+  // ignore_index (int64, 0-d), or with class weights sum_b weight[target_b] over those samples
+  // with an in-range target. Composite (ATen ops).
+  m.def("index_target_normaliser(Tensor target, int ignore_index, Tensor? weight=None) -> Tensor");
 
   // Internal (fastmargin/_ce_layout.py, eager only): spatial logits (N, C, d1, ...) as the
   // (N * d1 * ..., 1, C) rows the ops above read, in the layout the device's kernels read

@@ -62,15 +62,10 @@ def _rows_2d(t: torch.Tensor) -> torch.Tensor:
 def _mean_normaliser(
     target: torch.Tensor, class_weight: Optional[torch.Tensor], ignore_index: int, f: torch.dtype
 ) -> torch.Tensor:
-    """F.cross_entropy's 'mean' denominator over the whole batch, as a 0-d tensor (no sync):
-    the number of samples not ignored, or the sum of their classes' weights."""
-    valid = target != ignore_index
-    if class_weight is None:
-        return valid.sum().to(f)
-    C = class_weight.shape[0]
-    valid &= (target >= 0) & (target < C)  # out-of-range targets count 0 (their loss is NaN)
-    picked = class_weight[target.clamp(0, max(C - 1, 0))]
-    return torch.where(valid, picked, torch.zeros_like(picked)).sum()
+    """F.cross_entropy's 'mean' denominator over the whole batch, as a 0-d tensor of dtype f
+    (no sync): the number of samples not ignored, or the sum of their classes' weights
+    (``fastmargin::index_target_normaliser``, the divisor the other losses use)."""
+    return ops.index_target_normaliser(target, ignore_index, class_weight).to(f)
 
 
 def _norm_grad(h: torch.Tensor, norm: torch.Tensor, q: float) -> torch.Tensor:

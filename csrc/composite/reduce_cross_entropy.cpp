@@ -50,6 +50,7 @@ at::Tensor reduce_cross_entropy(const at::Tensor& per_sample, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(fastmargin, CompositeImplicitAutograd, m) {
   m.impl("reduce_cross_entropy", &reduce_cross_entropy);
+  m.impl("index_target_normaliser", &index_target_normaliser);
 }
 
 }  // namespace fastmargin
