@@ -13,11 +13,12 @@
 #               (a build carried in), else build with every core
 #   check       python -m fastmargin check --device cuda --big
 #   pytest      the CUDA-marked tests, a per-test timeout
-#   memcheck, racecheck, synccheck
+#   memcheck, racecheck
 #               compute-sanitizer over python -m fastmargin check --device cuda --quick
 #   bench       python -m fastmargin bench --set gpu-check (fastmargin vs eager vs compile)
 #   train-maxup, train-amo
 #               bench/bench_train_step.py
+#   synccheck   compute-sanitizer, as above (last: the least likely to find a wrong answer)
 # Without a GPU (or with GPU_CHECK_DEVICE=cpu) it is a dry run: the same stages on the CPU,
 # GPU-only stages reported "skipped: no GPU".
 #
@@ -164,22 +165,26 @@ fi
 
 # --- compute-sanitizer --------------------------------------------------------------------------
 SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-for tool in memcheck racecheck synccheck; do
-  if (( ! GPU )); then
-    record "$tool" skipped "" 0 "skipped: no GPU"
-  elif [[ ! -x "$SAN" ]]; then
-    record "$tool" skipped "" 0 "skipped: compute-sanitizer not found"
-  else
-    # only fastmargin's kernels are instrumented (much faster; torch's are not ours to check)
-    filter=()
-    "$SAN" --help 2>/dev/null | grep -q -- '--kernel-name' && filter=(--kernel-name kns=fastmargin)
-    env=()
-    # memcheck sees out-of-bounds accesses only outside the caching allocator's big blocks
-    [[ $tool == memcheck ]] && env=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-    run_stage "$tool" 100 env ${env[@]+"${env[@]}"} "$SAN" --tool "$tool" --error-exitcode 3 \
-      ${filter[@]+"${filter[@]}"} "$PYTHON" -m fastmargin check --device cuda --quick
-  fi
-done
+sanitize() {  # sanitize TOOL...: compute-sanitizer TOOL over the quick self-check
+  for tool in "$@"; do
+    if (( ! GPU )); then
+      record "$tool" skipped "" 0 "skipped: no GPU"
+    elif [[ ! -x "$SAN" ]]; then
+      record "$tool" skipped "" 0 "skipped: compute-sanitizer not found"
+    else
+      # only fastmargin's kernels are instrumented (much faster; torch's are not ours to check)
+      filter=()
+      "$SAN" --help 2>/dev/null | grep -q -- '--kernel-name' && filter=(--kernel-name kns=fastmargin)
+      env=()
+      # memcheck sees out-of-bounds accesses only outside the caching allocator's big blocks
+      [[ $tool == memcheck ]] && env=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+      run_stage "$tool" 80 env ${env[@]+"${env[@]}"} "$SAN" --tool "$tool" --error-exitcode 3 \
+        ${filter[@]+"${filter[@]}"} "$PYTHON" -m fastmargin check --device cuda --quick
+    fi
+  done
+}
+# memcheck and racecheck before the benchmarks (wrong answers first); synccheck after them
+sanitize memcheck racecheck
 
 # --- benchmarks ---------------------------------------------------------------------------------
 if (( GPU )); then
@@ -197,6 +202,8 @@ else
       --small --device cpu --json "$OUT_DIR/train-$method.json"
   done
 fi
+
+sanitize synccheck
 
 # --- summary ------------------------------------------------------------------------------------
 "$PYTHON" scripts/gpu_check_summary.py "$OUT_DIR" "$(( $(date +%s) - START ))"
