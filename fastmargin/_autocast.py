@@ -1,10 +1,18 @@
 """The dtype a loss is returned in, as F.cross_entropy returns it.
 
-F.cross_entropy is on autocast's float32 list: inside ``torch.autocast`` (any lower-precision
-dtype, CPU or CUDA) float16 / bfloat16 logits give a float32 loss. The fused kernels already
-accumulate in float32 and read the logits in their own dtype, so matching that costs nothing:
-the float32 result is simply not rounded down (and the logits are never copied to float32).
-Outside autocast the loss has the logits' dtype.
+Inside ``torch.autocast`` (any lower-precision dtype, CPU or CUDA) F.cross_entropy of float16 /
+bfloat16 logits returns float32, and so do the fastmargin losses. The fused kernels already
+accumulate in float32 and read the logits in their own dtype, so this costs nothing: the float32
+result is simply not rounded down (and the logits are never copied to float32). Outside
+autocast the loss has the logits' dtype.
+
+The value is the float32 loss of the half-precision logits, which is what F.cross_entropy gives
+on the CPU (autocast's CPU rules cast ``cross_entropy_loss`` to float32). On CUDA, autocast has
+no rule for ``cross_entropy_loss`` itself: it calls ``log_softmax`` with the logits' dtype, so
+the log-probabilities are rounded to float16 / bfloat16 before ``nll_loss`` (which autocast runs
+in float32). F.cross_entropy's CUDA value under autocast is therefore float32 in dtype but off
+by up to one half-precision rounding of each log-probability; the fastmargin value is the exact float32 one, equal to
+``F.cross_entropy(logits.float(), ...)``.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def _check(hidden, weight, target, bias, *, dim, chunk_size=None, **kw):
     torch.testing.assert_close(out.to(ref_dtype), ref, **TOL[hidden.dtype], equal_nan=True)
     wrt = [t for t in (h, w, b) if t is not None]
     wrt_ref = [t for t in (hr, wr, br) if t is not None]
-    g = torch.rand(ref.shape, dtype=torch.float64).to(ref_dtype) + 0.5
+    g = torch.rand(ref.shape, dtype=torch.float64).to(device=out.device, dtype=ref_dtype) + 0.5
     grads = torch.autograd.grad(out, wrt, g.to(out.dtype))
     grads_ref = torch.autograd.grad(ref, wrt_ref, g.to(out.dtype).to(ref_dtype))
     for name, a, r in zip(("hidden", "weight", "bias"), grads, grads_ref):

@@ -473,7 +473,8 @@ def test_cuda_int64_indexing_beyond_2_pow_31():
         row_ref, idx_ref = ref.worst_of_k_cross_entropy(
             logits[b : b + 1].float(), target[b : b + 1], dim=1, reduction="none", return_index=True
         )
-        torch.testing.assert_close(per[b : b + 1], row_ref, atol=1e-3, rtol=1e-3)
+        # per is the bfloat16 loss (the logits' dtype): one rounding of the float32 value
+        torch.testing.assert_close(per[b : b + 1].float(), row_ref, atol=1e-3, rtol=4e-3)
         assert int(idx[b]) == int(idx_ref[0])
         assert torch.isfinite(x.grad[b]).all()
     assert math.isfinite(float(x.grad[-1].float().abs().sum()))
