@@ -1,7 +1,7 @@
 // CUDA kernels of the worst-of-k cross-entropy family.
 //
-// Forward: one group of threads per sample (a warp when C is small, the whole block when it is
-// large) walks the sample's k rows once each with an online (max, sum-exp) softmax over 16-byte
+// Forward: one group of threads per sample (a thread when C <= 32, a warp up to C = 2048, the
+// whole block above) walks the sample's k rows once each with an online (max, sum-exp) softmax over 16-byte
 // vector loads, merges the per-thread partials with warp shuffles (+ shared memory across warps),
 // and the group leader reduces the k per-copy losses to the worst (or smooth max) in registers:
 // one launch, no host synchronisation, int64 offsets. It saves only per-row statistics:
@@ -485,8 +485,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
     p.weight = out.weight.mutable_data_ptr<acc_t>();
     p.dradius = rad.defined() ? out.dradius.mutable_data_ptr<acc_t>() : nullptr;
     p.index_out = out.index.mutable_data_ptr<int64_t>();
-    launch_row_kernel<scalar_t, CeLaunch<kWeighted, target_t>::template Forward>(inputs_aligned(p),
-                                                                                 p.C, p);
+    launch_row_kernel<scalar_t, CeLaunch<kWeighted, target_t>::template Forward,
+                      /*kThreadRows=*/true>(inputs_aligned(p), p.C, p);
   });
   return out.as_tuple();
 }
@@ -520,7 +520,8 @@ void backward_into(bool weighted, const at::Tensor& grad_loss, const at::Tensor&
     p.weight_in = weight.const_data_ptr<acc_t>();
     const bool aligned = inputs_aligned(p) && aligned_for(p.grad, p.grad_stride_b, p.grad_stride_k,
                                                           max_vec<scalar_t>(), sizeof(scalar_t));
-    launch_row_kernel<scalar_t, CeLaunch<kWeighted, target_t>::template Backward>(aligned, p.C, p);
+    launch_row_kernel<scalar_t, CeLaunch<kWeighted, target_t>::template Backward,
+                      /*kThreadRows=*/true>(aligned, p.C, p);
   });
 }
 

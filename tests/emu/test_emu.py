@@ -107,6 +107,17 @@ def test_worst_of_k_plain_every_dtype_and_class_count(dtype, C):
     check_worst_of_k(x, index_target(B, C, C, ignore=True, invalid=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [10, 21, 32, 33])
+@pytest.mark.parametrize("layout", ["bkc", "offset"])
+def test_worst_of_k_thread_rows_span_blocks(dtype, C, layout):
+    """C <= 32: a thread per row (256 rows per block); enough rows for several blocks and a
+    partly filled last one, forward (per sample) and backward (per row); C = 33 takes warps."""
+    B, k = 301, 3
+    x = logits_in_layout(B, k, C, dtype, layout, C)
+    check_worst_of_k(x, index_target(B, C, C, ignore=True, invalid=True), eps=0.1, tau=0.3)
+
+
 @pytest.mark.parametrize("layout", ["kbc", "pad", "offset", "expand"])
 @pytest.mark.parametrize("C", [17, 64, 2049])
 def test_worst_of_k_layouts(layout, C):

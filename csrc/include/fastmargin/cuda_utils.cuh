@@ -2,8 +2,8 @@
 // launch configuration of group-per-row kernels.
 //
 // A "group" is the set of threads that cooperates on one work item (a row, a sample, an
-// example or a chunk of one): either a warp (GROUP == 32, several groups per block) or the
-// whole block. Any value type T with a member `void merge(const T&)` (associative and
+// example or a chunk of one): a single thread (GROUP == 1, short rows), a warp (GROUP == 32,
+// several groups per block) or the whole block. Any value type T with a member `void merge(const T&)` (associative and
 // commutative) and a free `T shfl_xor(const T&, int mask)` can be reduced over a group.
 #pragma once
 
@@ -54,6 +54,11 @@ inline bool aligned_for(const void* ptr, int64_t stride_a, int64_t stride_b, int
 // Rows of at most this many classes get a warp each; longer rows get a whole block.
 constexpr int64_t kRowWarpMaxClasses = 2048;
 constexpr int kRowBlockThreads = 512;
+// In the kernels that opt in (launch_row_kernel's kThreadRows), rows of at most this many
+// classes get one thread each: a warp per row would leave most lanes idle on such rows (one
+// element or none per lane) and make a launch of many short rows latency-bound, e.g. the 4M
+// rows of 21 classes of a 16x21x512x512 segmentation batch.
+constexpr int64_t kRowThreadMaxClasses = 32;
 
 // Threads per block for groups of `group_threads`: several warp-groups share a 256-thread block.
 constexpr int row_block_threads(int group_threads) {
@@ -100,12 +105,24 @@ void launch_groups(void (*kernel)(KernelArgs...), int64_t items, Args&&... args)
 }
 
 // Picks the vector width (16 bytes when every row start is aligned) and the group size (a warp
-// per row for short rows, a block per row for long ones), then calls
-// Launcher<scalar_t, acc_t, VEC, GROUP>::run(args...).
-template <typename scalar_t, template <typename, typename, int, int> class Launcher, typename... A>
+// per row for short rows, a block per row for long ones; with kThreadRows, a thread per row for
+// rows of at most kRowThreadMaxClasses, for kernels whose group code holds for GROUP == 1), then
+// calls Launcher<scalar_t, acc_t, VEC, GROUP>::run(args...).
+template <typename scalar_t, template <typename, typename, int, int> class Launcher,
+          bool kThreadRows = false, typename... A>
 void launch_row_kernel(bool aligned, int64_t C, A&&... args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = max_vec<scalar_t>();
+  if constexpr (kThreadRows) {
+    if (C <= kRowThreadMaxClasses) {
+      if (aligned) {
+        Launcher<scalar_t, acc_t, kVec, 1>::run(args...);
+      } else {
+        Launcher<scalar_t, acc_t, 1, 1>::run(args...);
+      }
+      return;
+    }
+  }
   const bool small = C <= kRowWarpMaxClasses;
   if (aligned && small) {
     Launcher<scalar_t, acc_t, kVec, kWarp>::run(args...);
@@ -125,6 +142,7 @@ void launch_row_kernel(bool aligned, int64_t C, A&&... args) {
 // caller reuse it at once.
 template <int GROUP, typename T>
 __device__ __forceinline__ T group_reduce(T s, T* smem, const T& identity) {
+  if constexpr (GROUP == 1) return s;  // a thread per item: nothing to merge
 #pragma unroll
   for (int mask = kWarp / 2; mask > 0; mask >>= 1) s.merge(shfl_xor(s, mask));
   if constexpr (GROUP > kWarp) {

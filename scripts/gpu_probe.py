@@ -1,0 +1,138 @@
+"""Measurements on a GPU that ``make gpu-check`` does not make, for questions its results raised.
+
+    python scripts/gpu_probe.py autocast           F.cross_entropy under CUDA autocast vs float32
+    python scripts/gpu_probe.py graph {torch,fm}   capture + replay one CUDA graph of a training
+                                                   step's loss (torch ops only, or fastmargin's);
+                                                   run under compute-sanitizer to tell a tool's
+                                                   limit from a fault of fastmargin's
+    python scripts/gpu_probe.py profile            CUDA kernel times of the benchmark cases that
+                                                   are far from the byte model (torch.profiler)
+
+Each prints one JSON line (``profile``: also the profiler's tables) and exits 0 on success.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fastmargin as fm
+
+
+def autocast_error() -> dict:
+    """Relative error of the loss per sample against the float32 loss of the same half logits:
+    F.cross_entropy inside autocast, and fastmargin inside autocast."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        x = (3 * torch.randn(4096, 1000, device="cuda", generator=gen)).to(dtype)
+        y = torch.randint(0, 1000, (4096,), device="cuda", generator=gen)
+        for eps in (0.0, 0.1):
+            exact = F.cross_entropy(x.float(), y, reduction="none", label_smoothing=eps)
+            with torch.autocast("cuda", dtype=dtype):
+                pt = F.cross_entropy(x, y, reduction="none", label_smoothing=eps)
+                ours = fm.worst_of_k_cross_entropy(x, y, reduction="none", label_smoothing=eps)
+            key = f"{str(dtype).removeprefix('torch.')}_eps{eps}"
+            out[key] = {
+                "F.cross_entropy dtype": str(pt.dtype),
+                "F.cross_entropy max rel": float(((pt - exact).abs() / exact.abs()).max()),
+                "F.cross_entropy mean rel": float(((pt - exact).abs() / exact.abs()).mean()),
+                "fastmargin max rel": float(((ours - exact).abs() / exact.abs()).max()),
+            }
+    return out
+
+
+def graph_capture(kind: str) -> dict:
+    """Capture one forward + backward of a loss on a side stream's warm-up, replay it twice."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 4, 37, device="cuda", generator=gen, requires_grad=True)
+    y = torch.randint(0, 37, (64,), device="cuda", generator=gen)
+    fm.set_validation(False)  # the target check synchronises: not capturable
+
+    def step() -> torch.Tensor:
+        x.grad = None
+        if kind == "torch":
+            loss = F.cross_entropy(x.reshape(-1, 37), y.repeat_interleave(4))
+        else:
+            loss = fm.worst_of_k_cross_entropy(x, y, dim=1)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = step()
+    g.replay()
+    g.replay()
+    torch.cuda.synchronize()
+    return {"graph": kind, "captured": True, "loss": float(static)}
+
+
+def profile() -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = {
+        "spatial 16x21x512x512 bf16": (
+            torch.randn(16, 21, 512, 512, device="cuda", generator=gen, dtype=torch.bfloat16),
+            torch.randint(0, 21, (16, 512, 512), device="cuda", generator=gen),
+            {},
+        ),
+        "rows 1024x4x1000 bf16 dim=1": (
+            torch.randn(1024, 4, 1000, device="cuda", generator=gen, dtype=torch.bfloat16),
+            torch.randint(0, 1000, (1024,), device="cuda", generator=gen),
+            {"dim": 1},
+        ),
+        "rows 65536x4x10 bf16 dim=1": (
+            torch.randn(65536, 4, 10, device="cuda", generator=gen, dtype=torch.bfloat16),
+            torch.randint(0, 10, (65536,), device="cuda", generator=gen),
+            {"dim": 1},
+        ),
+    }
+    out = {}
+    for name, (x, y, kw) in cases.items():
+        x.requires_grad_(True)
+        for _ in range(3):
+            fm.worst_of_k_cross_entropy(x, y, **kw).backward()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                x.grad = None
+                fm.worst_of_k_cross_entropy(x, y, **kw).backward()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+        print(f"== {name}: 5 steps\n{table}", flush=True)
+        try:  # per-step device microseconds of each kernel
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+            out[name] = {e.key[:80]: round(e.device_time_total / 5, 1) for e in events}
+        except (AttributeError, TypeError) as err:  # the printed table still has them
+            out[name] = f"no per-kernel times: {err}"
+    return out
+
+
+def main(argv: list[str]) -> int:
+    what = argv[1] if len(argv) > 1 else ""
+    if what == "autocast":
+        result = autocast_error()
+    elif what == "graph" and len(argv) > 2 and argv[2] in ("torch", "fm"):
+        result = graph_capture(argv[2])
+    elif what == "profile":
+        result = profile()
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
