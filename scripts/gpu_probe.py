@@ -7,6 +7,8 @@
                                                    limit from a fault of fastmargin's
     python scripts/gpu_probe.py profile            CUDA kernel times of the benchmark cases that
                                                    are far from the byte model (torch.profiler)
+    python scripts/gpu_probe.py overhead           microseconds per call at 8 x 10 (fwd + bwd,
+                                                   no_grad fwd), target validation on and off
 
 Each prints one JSON line (``profile``: also the profiler's tables) and exits 0 on success.
 """
@@ -119,6 +121,51 @@ def profile() -> dict:
     return out
 
 
+def overhead() -> dict:
+    import time
+
+    x = torch.randn(8, 10, device="cuda", requires_grad=True)
+    y = torch.randint(0, 10, (8,), device="cuda")
+
+    def per_call_us(fn, calls: int = 300) -> float:
+        for _ in range(30):
+            fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        return round(best, 1)
+
+    def fwd_bwd(loss_fn):
+        def step():
+            x.grad = None
+            loss_fn(x, y).backward()
+
+        return step
+
+    def no_grad(loss_fn):
+        def step():
+            with torch.no_grad():
+                loss_fn(x, y)
+
+        return step
+
+    out = {}
+    for validate in (True, False):
+        fm.set_validation(validate)
+        tag = "validation on" if validate else "validation off"
+        out[f"fm fwd+bwd, {tag}"] = per_call_us(fwd_bwd(fm.worst_of_k_cross_entropy))
+        out[f"fm no_grad fwd, {tag}"] = per_call_us(no_grad(fm.worst_of_k_cross_entropy))
+    fm.set_validation(True)
+    out["F.cross_entropy fwd+bwd"] = per_call_us(fwd_bwd(F.cross_entropy))
+    out["F.cross_entropy no_grad fwd"] = per_call_us(no_grad(F.cross_entropy))
+    return out
+
+
 def main(argv: list[str]) -> int:
     what = argv[1] if len(argv) > 1 else ""
     if what == "autocast":
@@ -127,6 +174,8 @@ def main(argv: list[str]) -> int:
         result = graph_capture(argv[2])
     elif what == "profile":
         result = profile()
+    elif what == "overhead":
+        result = overhead()
     else:
         print(__doc__, file=sys.stderr)
         return 2
