@@ -11,8 +11,9 @@ on the CPU (autocast's CPU rules cast ``cross_entropy_loss`` to float32). On CUD
 no rule for ``cross_entropy_loss`` itself: it calls ``log_softmax`` with the logits' dtype, so
 the log-probabilities are rounded to float16 / bfloat16 before ``nll_loss`` (which autocast runs
 in float32). F.cross_entropy's CUDA value under autocast is therefore float32 in dtype but off
-by up to one half-precision rounding of each log-probability; the fastmargin value is the exact
-float32 one, equal to ``F.cross_entropy(logits.float(), ...)``.
+by up to one half-precision rounding of each log-probability (measured on an H200, 4096 x 1000
+logits: up to 3.8e-3 relative for bfloat16, 4.8e-4 for float16); the fastmargin value is the
+exact float32 one, equal to ``F.cross_entropy(logits.float(), ...)`` (3.6e-7 and 4.2e-7).
 """
 
 from __future__ import annotations

@@ -174,7 +174,9 @@ sanitize() {  # sanitize TOOL...: compute-sanitizer TOOL over the quick self-che
     else
       # only fastmargin's kernels are instrumented (much faster; torch's are not ours to check)
       filter=()
-      "$SAN" --help 2>/dev/null | grep -q -- '--kernel-name' && filter=(--kernel-name kns=fastmargin)
+      # (the help text read whole: `--help | grep -q` fails under pipefail when grep stops early)
+      san_help=$("$SAN" --help 2>&1 || true)
+      [[ $san_help == *--kernel-name* ]] && filter=(--kernel-name kns=fastmargin)
       env=()
       # memcheck sees out-of-bounds accesses only outside the caching allocator's big blocks
       [[ $tool == memcheck ]] && env=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
