@@ -144,9 +144,9 @@ def _use_class_major(t: torch.Tensor) -> bool:
 
 class _ClassLast(torch.autograd.Function):
     """Contiguous (N, C, d1, ...) -> (N * d1 * ..., 1, C) rows through the helper op
-    ``fastmargin::_class_last`` (class-major on the CPU, contiguous elsewhere); the rows'
-    gradient goes back as a view of the logits' shape (a leaf's AccumulateGrad copies it into
-    the leaf's layout, a block copy for class-major rows)."""
+    ``fastmargin::_class_last`` (class-major on the CPU, and on CUDA for C <= 32; contiguous
+    elsewhere); the rows' gradient goes back as a view of the logits' shape (a leaf's
+    AccumulateGrad copies it into the leaf's layout, a block copy for class-major rows)."""
 
     @staticmethod
     def forward(ctx, t):

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "fastmargin/ce_math.h"
@@ -224,10 +225,7 @@ struct ForwardRows {
         dradius(rad ? out.dradius.mutable_data_ptr<acc_t>() : nullptr) {}
 };
 
-// Class-major rows: a strided class dim (B, 1, C) with consecutive rows (row stride 1, or one
-// row), the layout fastmargin/_ce_layout.py hands spatial logits over in on the CPU (memory
-// (C, N * d1 * ...), csrc/cpu/class_last.cpp). Only the plain loss with index targets, k = 1 and
-// no radius reads them; the entry points give every other call contiguous rows first.
+// Class-major rows (kernel_layout in worst_of_k_ce.h): a strided class dim.
 bool is_class_major(int64_t C, int64_t cs) { return C > 1 && cs != 1; }
 
 // Whether rows [b0, b0 + n) of a class-major block all have a class target and a finite max (so
@@ -674,33 +672,24 @@ void with_loss(bool weighted, const at::Tensor& logits, const at::Tensor& tgt,
       [&] { body(PlainLoss<scalar_t>(tgt, class_weight, label_smoothing, C)); });
 }
 
-// How the CPU ops read the logits: rows with a contiguous class dim (the ops' contract), or
-// class-major rows (see is_class_major: k = 1, consecutive rows, a strided class dim), read in
-// place by the plain loss and through a contiguous copy by every other call (whose gradient is
-// copied back into the logits' layout). Any other strided class dim is refused by the checks.
-enum class Layout { kRows, kClassMajor, kCopy };
-
-Layout layout_of(const at::Tensor& logits, const at::Tensor& target,
-                 const c10::optional<at::Tensor>& radius,
-                 const c10::optional<at::Tensor>& class_weight) {
-  const bool class_major = logits.dim() == 3 && is_class_major(logits.size(2), logits.stride(2)) &&
-                           logits.size(1) == 1 && logits.stride(0) == 1;
-  if (!class_major) return Layout::kRows;
-  const bool plain = !radius.has_value() && !class_weight.has_value() && !is_soft_target(target);
-  return plain ? Layout::kClassMajor : Layout::kCopy;
+// How the CPU ops read the logits (kernel_layout): class-major rows of any class count.
+KernelLayout layout_of(const at::Tensor& logits, const at::Tensor& target,
+                       const c10::optional<at::Tensor>& radius,
+                       const c10::optional<at::Tensor>& class_weight) {
+  return kernel_layout(logits, target, radius, class_weight, std::numeric_limits<int64_t>::max());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& radius,
     double temperature, double label_smoothing, int64_t ignore_index,
     const c10::optional<at::Tensor>& class_weight) {
-  const Layout layout = layout_of(logits, target, radius, class_weight);
-  if (layout == Layout::kCopy) {
+  const KernelLayout layout = layout_of(logits, target, radius, class_weight);
+  if (layout == KernelLayout::kCopy) {
     return worst_of_k_ce_fwd_cpu(logits.contiguous(), target, radius, temperature, label_smoothing,
                                  ignore_index, class_weight);
   }
-  const bool weighted =
-      check_worst_of_k_args(logits, target, radius, class_weight, layout == Layout::kClassMajor);
+  const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight,
+                                              layout == KernelLayout::kClassMajor);
   WorstOfKForward out = WorstOfKForward::allocate(logits, radius.has_value());
   const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
   const c10::optional<at::Tensor> rad = contiguous(radius), cw = contiguous(class_weight);
@@ -727,16 +716,17 @@ at::Tensor worst_of_k_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                                  const at::Tensor& lse, const at::Tensor& weight,
                                  double label_smoothing, int64_t ignore_index,
                                  const c10::optional<at::Tensor>& class_weight) {
-  const Layout layout = layout_of(logits, target, radius, class_weight);
+  const KernelLayout layout = layout_of(logits, target, radius, class_weight);
   at::Tensor grad = at::empty_like(logits);
-  if (layout == Layout::kCopy || (layout == Layout::kClassMajor &&
-                                  (grad.stride(0) != 1 || grad.stride(2) != logits.stride(2)))) {
+  if (layout == KernelLayout::kCopy ||
+      (layout == KernelLayout::kClassMajor &&
+       (grad.stride(0) != 1 || grad.stride(2) != logits.stride(2)))) {
     grad.copy_(worst_of_k_ce_bwd_cpu(grad_loss, logits.contiguous(), target, radius, lse, weight,
                                      label_smoothing, ignore_index, class_weight));
     return grad;
   }
   const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,
-                                                  class_weight, layout != Layout::kRows);
+                                                  class_weight, layout != KernelLayout::kRows);
   (void)ignore_index;  // ignored samples arrive with weight 0
   backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,
                 class_weight, grad);
@@ -749,8 +739,8 @@ void worst_of_k_ce_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const at::Tensor& weight, double label_smoothing,
                                    int64_t ignore_index,
                                    const c10::optional<at::Tensor>& class_weight) {
-  const Layout layout = layout_of(logits, target, radius, class_weight);
-  if (layout == Layout::kCopy) {
+  const KernelLayout layout = layout_of(logits, target, radius, class_weight);
+  if (layout == KernelLayout::kCopy) {
     check_inplace_backward(logits, target);
     const at::Tensor rows = logits.contiguous();
     worst_of_k_ce_bwd_inplace_cpu(grad_loss, rows, target, radius, lse, weight, label_smoothing,
@@ -759,7 +749,7 @@ void worst_of_k_ce_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor
     return;
   }
   const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,
-                                                  class_weight, layout != Layout::kRows);
+                                                  class_weight, layout != KernelLayout::kRows);
   check_inplace_backward(logits, target);
   (void)ignore_index;
   at::Tensor out = logits;  // the same storage: the gradient replaces the logits

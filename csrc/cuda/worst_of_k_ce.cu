@@ -1,10 +1,10 @@
 // CUDA kernels of the worst-of-k cross-entropy family.
 //
 // Forward: one group of threads per sample (a thread when C <= 32, a warp up to C = 2048, the
-// whole block above) walks the sample's k rows once each with an online (max, sum-exp) softmax over 16-byte
-// vector loads, merges the per-thread partials with warp shuffles (+ shared memory across warps),
-// and the group leader reduces the k per-copy losses to the worst (or smooth max) in registers:
-// one launch, no host synchronisation, int64 offsets. It saves only per-row statistics:
+// whole block above) walks the sample's k rows once each with an online (max, sum-exp) softmax over
+// 16-byte vector loads, merges the per-thread partials with warp shuffles (+ shared memory across
+// warps), and the group leader reduces the k per-copy losses to the worst (or smooth max) in
+// registers: one launch, no host synchronisation, int64 offsets. It saves only per-row statistics:
 // lse (B, k), the copy weights dL/dl (B, k), the worst index (B,) and dL/dr (B,).
 //
 // Backward: one group per row writes the gradient of every row; rows whose copy weight is 0
@@ -66,6 +66,7 @@ struct PlainForwardParams {
   static constexpr bool kWeighted = false;
   const scalar_t* logits;
   int64_t B, k, C, stride_b, stride_k;
+  int64_t stride_c;  // 1, or class-major rows (a thread per row only: see class_stride)
   const int64_t* index;
   const acc_t* radius;  // nullptr: plain CE
   acc_t tau, eps;
@@ -80,6 +81,7 @@ struct PlainBackwardParams {
   const scalar_t* logits;
   scalar_t* grad;
   int64_t B, k, C, stride_b, stride_k, grad_stride_b, grad_stride_k;
+  int64_t stride_c;  // of the logits and the gradient alike (the host checks they agree)
   const int64_t* index;
   const acc_t* radius;
   const acc_t *grad_loss, *lse_in, *weight_in;
@@ -127,12 +129,31 @@ using BackwardParams = std::conditional_t<WEIGHTED, WeightedParams<scalar_t, tar
 template <bool WEIGHTED, typename acc_t>
 using CopyStats = std::conditional_t<WEIGHTED, WeightedRowStats<acc_t>, RowStats<acc_t>>;
 
-// This thread's partial statistics of one robust row z~; `t` is its rank within the group.
+// The class stride a kernel reads with. Class-major rows (stride_c != 1) are launched with a
+// thread per row only (kernel_layout's class limit is kRowThreadMaxClasses), so wider groups
+// read with stride 1, known at compile time, and keep their vector loops unchanged.
+template <int GROUP>
+__device__ __forceinline__ int64_t class_stride(int64_t stride_c) {
+  if constexpr (GROUP == 1) {
+    return stride_c;
+  } else {
+    return 1;
+  }
+}
+
+// This thread's partial statistics of one robust row z~ (class stride cs); `t` is its rank
+// within the group.
 template <typename scalar_t, typename acc_t, int VEC, int GROUP>
 __device__ __forceinline__ RowStats<acc_t> thread_row_stats(const scalar_t* row, int64_t C,
-                                                            int64_t y, acc_t r, bool want_sum,
-                                                            int t) {
+                                                            int64_t cs, int64_t y, acc_t r,
+                                                            bool want_sum, int t) {
   RowStats<acc_t> st = RowStats<acc_t>::empty();
+  if (cs != 1) {  // class-major rows: scalar loads, coalesced across the threads of a warp
+    for (int64_t c = t; c < C; c += GROUP) {
+      st.add(robust_logit(acc_t(row[c * cs]), c == y, r), want_sum);
+    }
+    return st;
+  }
   const int64_t nvec = C / VEC;
   const auto* vrow = reinterpret_cast<const Vec<scalar_t, VEC>*>(row);
 #pragma unroll 4
@@ -222,7 +243,11 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
 
   const acc_t r = p.radius ? p.radius[b] : acc_t(0);
   [[maybe_unused]] bool want_sum = false;  // plain path: sum z~ only feeds the smoothing term
-  if constexpr (!WEIGHTED) want_sum = p.eps != acc_t(0);
+  int64_t cs = 1;                          // the weighted path reads contiguous rows only
+  if constexpr (!WEIGHTED) {
+    want_sum = p.eps != acc_t(0);
+    cs = class_stride<GROUP>(p.stride_c);
+  }
   const scalar_t* sample = p.logits + b * p.stride_b;
   CopyReducer<acc_t> red = CopyReducer<acc_t>::start();  // meaningful in the leader only
   [[maybe_unused]] acc_t asum = acc_t(0);  // weighted: A of an index-target row (every copy)
@@ -232,7 +257,7 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
     if constexpr (WEIGHTED) {
       st = thread_weighted_stats<scalar_t, target_t, acc_t, VEC, GROUP>(p.row(b, j, y, r), p.C, t);
     } else {
-      st = thread_row_stats<scalar_t, acc_t, VEC, GROUP>(row, p.C, y, r, want_sum, t);
+      st = thread_row_stats<scalar_t, acc_t, VEC, GROUP>(row, p.C, cs, y, r, want_sum, t);
     }
     st = group_reduce<GROUP>(st, smem, Stats::empty());
     if (t == 0) {
@@ -242,7 +267,7 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
         ce = st.loss();
         asum = st.asum;
       } else {
-        ce = ce_from_stats(row_lse, robust_logit(acc_t(row[y]), true, r), st.sumz, p.eps, p.C);
+        ce = ce_from_stats(row_lse, robust_logit(acc_t(row[y * cs]), true, r), st.sumz, p.eps, p.C);
       }
       // The per-copy loss waits in the weight buffer until all k copies are known.
       lse_b[j] = row_lse;
@@ -258,7 +283,7 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
     const acc_t w = red.weight(j, w_b[j], p.tau);
     w_b[j] = w;
     if (p.dradius && w != acc_t(0)) {
-      const acc_t zy = robust_logit(acc_t(sample[j * p.stride_k + y]), true, r);
+      const acc_t zy = robust_logit(acc_t(sample[j * p.stride_k + y * cs]), true, r);
       if constexpr (WEIGHTED) {
         dr += w * weighted_dce_dradius(lse_b[j], zy, p.coef(acc_t(1), y), asum);
       } else {
@@ -269,9 +294,14 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
   if (p.dradius) p.dradius[b] = dr;
 }
 
-// This thread's share of writing `value` into every element of a row.
+// This thread's share of writing `value` into every element of a row (class stride cs).
 template <typename scalar_t, int VEC, int GROUP>
-__device__ __forceinline__ void fill_row(scalar_t* out, int64_t C, scalar_t value, int t) {
+__device__ __forceinline__ void fill_row(scalar_t* out, int64_t C, int64_t cs, scalar_t value,
+                                         int t) {
+  if (cs != 1) {
+    for (int64_t c = t; c < C; c += GROUP) out[c * cs] = value;
+    return;
+  }
   Vec<scalar_t, VEC> fill;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) fill.v[e] = value;
@@ -290,9 +320,11 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
   if (row_id >= p.B * p.k) return;
   const int64_t b = row_id / p.k, j = row_id % p.k;
   scalar_t* out = p.grad + b * p.grad_stride_b + j * p.grad_stride_k;
+  int64_t cs = 1;  // the weighted path reads contiguous rows only
+  if constexpr (!WEIGHTED) cs = class_stride<GROUP>(p.stride_c);
   const acc_t w = p.weight_in[row_id];
   if (w == acc_t(0)) {  // unselected copy or ignored sample: zeros, logits not read
-    fill_row<scalar_t, VEC, GROUP>(out, p.C, scalar_t(0), t);
+    fill_row<scalar_t, VEC, GROUP>(out, p.C, cs, scalar_t(0), t);
     return;
   }
 
@@ -301,7 +333,7 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
   const int64_t y = !WEIGHTED || p.index ? p.index[b] : int64_t(-1);
   if constexpr (WEIGHTED) {
     if (p.index && (y < 0 || y >= p.C)) {
-      fill_row<scalar_t, VEC, GROUP>(out, p.C, static_cast<scalar_t>(quiet_nan<acc_t>()), t);
+      fill_row<scalar_t, VEC, GROUP>(out, p.C, 1, static_cast<scalar_t>(quiet_nan<acc_t>()), t);
       return;
     }
   }
@@ -338,7 +370,17 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
   }
   const acc_t scale = w * p.grad_loss[b], row_lse = p.lse_in[row_id];
   [[maybe_unused]] acc_t eps_over_c = acc_t(0);
-  if constexpr (!WEIGHTED) eps_over_c = p.eps / acc_t(p.C);
+  if constexpr (!WEIGHTED) {
+    eps_over_c = p.eps / acc_t(p.C);
+    if (cs != 1) {  // class-major rows: scalar accesses, coalesced across the threads of a warp
+      for (int64_t c = t; c < p.C; c += GROUP) {
+        const bool is_y = c == y;
+        out[c * cs] = static_cast<scalar_t>(ce_grad(robust_logit(acc_t(zrow[c * cs]), is_y, r),
+                                                    is_y, row_lse, p.eps, eps_over_c, scale));
+      }
+      return;
+    }
+  }
   [[maybe_unused]] const auto* vrow = reinterpret_cast<const Vec<scalar_t, VEC>*>(zrow);
   auto* vout = reinterpret_cast<Vec<scalar_t, VEC>*>(out);
 #pragma unroll 4
@@ -413,6 +455,7 @@ void set_inputs(P& p, const at::Tensor& logits, const at::Tensor& target, const 
   if constexpr (!P::kWeighted) {
     p.index = target.const_data_ptr<int64_t>();
     p.eps = eps;
+    p.stride_c = p.C > 1 ? logits.stride(2) : 1;
   } else {
     using target_t = std::remove_cv_t<std::remove_pointer_t<decltype(P::soft)>>;
     if (is_soft_target(target)) {
@@ -429,12 +472,14 @@ void set_inputs(P& p, const at::Tensor& logits, const at::Tensor& target, const 
   }
 }
 
-// 16-byte vectors need every logits row and (soft targets) every target row aligned.
+// 16-byte vectors need every logits row and (soft targets) every target row aligned, and a
+// contiguous class dim.
 template <typename P>
 bool inputs_aligned(const P& p) {
   using scalar_t = scalar_of<P>;
   constexpr int kVec = max_vec<scalar_t>();
   bool ok = aligned_for(p.logits, p.stride_b, p.stride_k, kVec, sizeof(scalar_t));
+  if constexpr (!P::kWeighted) ok = ok && p.stride_c == 1;
   if constexpr (P::kWeighted) {
     ok = ok && (!p.soft ||
                 aligned_for(p.soft, p.target_stride_b, p.target_stride_k, kVec, sizeof(*p.soft)));
@@ -460,11 +505,25 @@ at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
+// How the CUDA kernels read the logits (kernel_layout): class-major rows in place when a thread
+// per row reads them (C <= kRowThreadMaxClasses), through a contiguous copy otherwise.
+KernelLayout layout_of(const at::Tensor& logits, const at::Tensor& target,
+                       const c10::optional<at::Tensor>& radius,
+                       const c10::optional<at::Tensor>& class_weight) {
+  return kernel_layout(logits, target, radius, class_weight, kRowThreadMaxClasses);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& radius,
     double temperature, double label_smoothing, int64_t ignore_index,
     const c10::optional<at::Tensor>& class_weight) {
-  const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight);
+  const KernelLayout layout = layout_of(logits, target, radius, class_weight);
+  if (layout == KernelLayout::kCopy) {
+    return worst_of_k_ce_fwd_cuda(logits.contiguous(), target, radius, temperature, label_smoothing,
+                                  ignore_index, class_weight);
+  }
+  const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight,
+                                              layout == KernelLayout::kClassMajor);
   c10::cuda::CUDAGuard guard(logits.device());
   WorstOfKForward out = WorstOfKForward::allocate(logits, radius.has_value());
   if (logits.size(0) == 0) return out.as_tuple();
@@ -530,10 +589,20 @@ at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                   const at::Tensor& lse, const at::Tensor& weight,
                                   double label_smoothing, int64_t ignore_index,
                                   const c10::optional<at::Tensor>& class_weight) {
-  const bool weighted =
-      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  const KernelLayout layout = layout_of(logits, target, radius, class_weight);
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty_like(logits);
+  // The kernels write the gradient with the logits' class stride: a gradient laid out otherwise
+  // (empty_like of logits that are not dense) takes the copy too.
+  if (layout == KernelLayout::kCopy ||
+      (layout == KernelLayout::kClassMajor &&
+       (grad.stride(0) != 1 || grad.stride(2) != logits.stride(2)))) {
+    grad.copy_(worst_of_k_ce_bwd_cuda(grad_loss, logits.contiguous(), target, radius, lse, weight,
+                                      label_smoothing, ignore_index, class_weight));
+    return grad;
+  }
+  const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,
+                                                  class_weight, layout != KernelLayout::kRows);
   backward_into(weighted, grad_loss, logits, target, radius, lse, weight, label_smoothing,
                 ignore_index, class_weight, grad);
   return grad;
@@ -545,8 +614,18 @@ void worst_of_k_ce_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
                                     const at::Tensor& weight, double label_smoothing,
                                     int64_t ignore_index,
                                     const c10::optional<at::Tensor>& class_weight) {
-  const bool weighted =
-      check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight, class_weight);
+  const KernelLayout layout = layout_of(logits, target, radius, class_weight);
+  if (layout == KernelLayout::kCopy) {
+    check_inplace_backward(logits, target);
+    c10::cuda::CUDAGuard guard(logits.device());
+    const at::Tensor rows = logits.contiguous();
+    worst_of_k_ce_bwd_inplace_cuda(grad_loss, rows, target, radius, lse, weight, label_smoothing,
+                                   ignore_index, class_weight);
+    logits.copy_(rows);
+    return;
+  }
+  const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,
+                                                  class_weight, layout != KernelLayout::kRows);
   check_inplace_backward(logits, target);
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = logits;  // the same storage: the gradient replaces the logits

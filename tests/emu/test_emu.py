@@ -72,9 +72,9 @@ def index_target(B, C, seed, ignore=False, invalid=False):
     return t
 
 
-def check_worst_of_k(x, target, radius=None, tau=0.0, eps=0.0, weight=None):
+def check_worst_of_k(x, target, radius=None, tau=0.0, eps=0.0, weight=None, inplace=None):
     """Forward, backward (from the CPU forward's statistics, so both backward kernels see the
-    same inputs) and the in-place backward of both builds."""
+    same inputs) and the in-place backward of both builds (by default for contiguous logits)."""
     dt = x.dtype
     args = (target, radius, tau, eps, -100, weight)
     cpu = CPU.worst_of_k_ce_fwd(x, *args)
@@ -90,7 +90,10 @@ def check_worst_of_k(x, target, radius=None, tau=0.0, eps=0.0, weight=None):
     grad_cpu = CPU.worst_of_k_ce_bwd(*bargs)
     grad_emu = EMU.worst_of_k_ce_bwd(*bargs)
     close(grad_emu, grad_cpu, dt, stats=False)
-    if x.stride(1) != 0 and x.storage_offset() == 0 and x.is_contiguous():
+    if inplace is None:
+        inplace = x.stride(1) != 0 and x.storage_offset() == 0 and x.is_contiguous()
+    assert grad_emu.stride() == torch.empty_like(x).stride()  # the gradient in the logits' layout
+    if inplace:
         y = x.clone()
         EMU.worst_of_k_ce_bwd_inplace(g, y, target, radius, lse, w, eps, -100, weight)
         close(y, grad_cpu, dt, stats=False)
@@ -116,6 +119,42 @@ def test_worst_of_k_thread_rows_span_blocks(dtype, C, layout):
     B, k = 301, 3
     x = logits_in_layout(B, k, C, dtype, layout, C)
     check_worst_of_k(x, index_target(B, C, C, ignore=True, invalid=True), eps=0.1, tau=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [1, 2, 21, 32, 33])
+def test_class_last_rows(dtype, C):
+    """_class_last on CUDA: class-major rows (memory (C, N * S)) for C <= 32, which the kernels
+    read with a thread per row; contiguous rows above. The values are the rows either way."""
+    x = (torch.randn(3, C, 5, 7, generator=gen(C)) * 3).to(dtype)
+    rows = EMU._class_last(x)
+    assert torch.equal(rows, x.movedim(1, -1).reshape(-1, 1, C))
+    if 1 < C <= 32:
+        assert rows.stride(0) == 1 and rows.stride(2) == 3 * 5 * 7
+    else:
+        assert rows.is_contiguous()
+    assert torch.equal(EMU._class_last(x.transpose(2, 3)), CPU._class_last(x.transpose(2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [2, 21, 32, 33])
+@pytest.mark.parametrize("option", ["plain", "smoothing", "radius", "class_weight"])
+def test_worst_of_k_class_major_rows(dtype, C, option):
+    """Class-major rows ((N * S, 1, C), class stride N * S, as _class_last lays spatial logits
+    out): read in place by the plain loss up to 32 classes, through a contiguous copy otherwise
+    (more classes, a radius, class weights); the gradient comes back in the logits' layout. 303
+    rows: two blocks of a thread per row."""
+    N, S = 3, 101
+    x = CPU._class_last((torch.randn(N, C, S, generator=gen(C + 50)) * 3).to(dtype))
+    assert x.stride(2) == N * S
+    target = index_target(N * S, C, 9, ignore=True, invalid=True)
+    sd = stats_dtype(dtype)
+    kw = {"eps": 0.1} if option == "smoothing" else {}
+    if option == "radius":
+        kw["radius"] = torch.rand(N * S, generator=gen(3), dtype=sd)
+    if option == "class_weight":
+        kw["weight"] = torch.rand(C, generator=gen(4), dtype=sd) + 0.1
+    check_worst_of_k(x, target, inplace=True, **kw)
 
 
 @pytest.mark.parametrize("layout", ["kbc", "pad", "offset", "expand"])

@@ -3,8 +3,9 @@
 //
 // A "group" is the set of threads that cooperates on one work item (a row, a sample, an
 // example or a chunk of one): a single thread (GROUP == 1, short rows), a warp (GROUP == 32,
-// several groups per block) or the whole block. Any value type T with a member `void merge(const T&)` (associative and
-// commutative) and a free `T shfl_xor(const T&, int mask)` can be reduced over a group.
+// several groups per block) or the whole block. Any value type T with a member `void merge(const
+// T&)` (associative and commutative) and a free `T shfl_xor(const T&, int mask)` can be reduced
+// over a group.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -142,20 +143,23 @@ void launch_row_kernel(bool aligned, int64_t C, A&&... args) {
 // caller reuse it at once.
 template <int GROUP, typename T>
 __device__ __forceinline__ T group_reduce(T s, T* smem, const T& identity) {
-  if constexpr (GROUP == 1) return s;  // a thread per item: nothing to merge
-#pragma unroll
-  for (int mask = kWarp / 2; mask > 0; mask >>= 1) s.merge(shfl_xor(s, mask));
-  if constexpr (GROUP > kWarp) {
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    constexpr int kWarps = GROUP / kWarp;
-    if (lane == 0) smem[warp] = s;
-    __syncthreads();
-    s = lane < kWarps ? smem[lane] : identity;
+  if constexpr (GROUP == 1) {  // a thread per item: nothing to merge
+    return s;
+  } else {
 #pragma unroll
     for (int mask = kWarp / 2; mask > 0; mask >>= 1) s.merge(shfl_xor(s, mask));
-    __syncthreads();
+    if constexpr (GROUP > kWarp) {
+      const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+      constexpr int kWarps = GROUP / kWarp;
+      if (lane == 0) smem[warp] = s;
+      __syncthreads();
+      s = lane < kWarps ? smem[lane] : identity;
+#pragma unroll
+      for (int mask = kWarp / 2; mask > 0; mask >>= 1) s.merge(shfl_xor(s, mask));
+      __syncthreads();
+    }
+    return s;
   }
-  return s;
 }
 
 template <typename acc_t>

@@ -4,9 +4,8 @@
 //
 // Layout: logits is (B, k, C) with the class dim contiguous and the other two strides
 // arbitrary, so both public copy layouts ((B, k, C) and a transposed (k, B, C)) arrive
-// without a copy. The CPU kernels also take a strided class dim (class_strided_ok: see
-// csrc/cpu/worst_of_k_ce.cpp, class-major rows). Per-row statistics are float32 (float64 for
-// float64 logits).
+// without a copy. Class-major rows (a strided class dim: kernel_layout below) are also taken.
+// Per-row statistics are float32 (float64 for float64 logits).
 //
 // Targets: (B,) int64 class indices, or floating class probabilities (soft targets), either
 // (B, C) shared by the k copies or (B, k, C) one row per copy (class dim contiguous, other
@@ -76,6 +75,30 @@ inline void check_soft_target(const at::Tensor& logits, const at::Tensor& target
               ", got ", target.device());
   TORCH_CHECK(!radius.has_value(),
               "radius: the weight-robust radius is not supported with probability targets");
+}
+
+// How a device's kernels read the logits rows:
+// - kRows: a contiguous class dim (the ops' contract);
+// - kClassMajor: class-major rows (B, 1, C), a strided class dim with consecutive rows (row
+//   stride 1), the layout spatial logits come in from fastmargin::_class_last (memory
+//   (C, N * d1 * ...)). The kernels read them in place: on the CPU with consecutive rows in the
+//   lanes of a vector, on CUDA with a thread per row (consecutive threads on consecutive
+//   positions, every access coalesced). Only the plain loss (index targets, no class weights, no
+//   radius) with at most max_classes classes reads them so;
+// - kCopy: other class-major calls, which the op runs on a contiguous copy of the rows (the
+//   gradient is copied back into the logits' layout). Any other strided class dim is refused by
+//   the checks.
+enum class KernelLayout { kRows, kClassMajor, kCopy };
+
+inline KernelLayout kernel_layout(const at::Tensor& logits, const at::Tensor& target,
+                                  const c10::optional<at::Tensor>& radius,
+                                  const c10::optional<at::Tensor>& class_weight,
+                                  int64_t max_classes) {
+  const bool class_major = logits.dim() == 3 && logits.size(2) > 1 && logits.stride(2) != 1 &&
+                           logits.size(1) == 1 && logits.stride(0) == 1;
+  if (!class_major) return KernelLayout::kRows;
+  const bool plain = !radius.has_value() && !class_weight.has_value() && !is_soft_target(target);
+  return plain && logits.size(2) <= max_classes ? KernelLayout::kClassMajor : KernelLayout::kCopy;
 }
 
 // Class weights: (C,) contiguous in the statistics dtype (float32, float64 for float64 logits).
