@@ -41,12 +41,8 @@ TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
 
   // Internal (fastmargin/_ce_layout.py, eager only): spatial logits (N, C, d1, ...) as the
   // (N * d1 * ..., 1, C) rows the ops above read, in the layout the device's kernels read
-  // fastest: class-major on the CPU and, up to 32 classes, on CUDA (csrc/cpu/class_last.cpp),
-  // class-contiguous elsewhere. _class_first is its inverse for the rows' gradient: contiguous
-  // (N, C, d1, ...) of the given shape, a block copy from class-major rows (the layout the
-  // logits have, so a leaf's AccumulateGrad keeps it without a copy of its own).
+  // fastest: class-major on the CPU (csrc/cpu/class_last.cpp), class-contiguous elsewhere.
   m.def("_class_last(Tensor logits) -> Tensor");
-  m.def("_class_first(Tensor rows, int[] shape) -> Tensor");
 
   // --- multiclass margin ---
   // Margins m = z_y - max_{c != y} z_c of (N, C) logits (C >= 2, class dim contiguous), in

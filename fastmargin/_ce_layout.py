@@ -145,8 +145,8 @@ def _use_class_major(t: torch.Tensor) -> bool:
 class _ClassLast(torch.autograd.Function):
     """Contiguous (N, C, d1, ...) -> (N * d1 * ..., 1, C) rows through the helper op
     ``fastmargin::_class_last`` (class-major on the CPU, and on CUDA for C <= 32; contiguous
-    elsewhere); the rows' gradient goes back in the logits' contiguous layout by one block copy
-    (``fastmargin::_class_first``), or as a differentiable view under ``create_graph``."""
+    elsewhere); the rows' gradient goes back as a view of the logits' shape (a leaf's
+    AccumulateGrad copies it into the leaf's layout, a block copy for class-major rows)."""
 
     @staticmethod
     def forward(ctx, t):
@@ -155,11 +155,8 @@ class _ClassLast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: differentiable views
-            N, C, *spatial = ctx.shape
-            return grad.reshape(N, *spatial, C).movedim(-1, 1)
-        # the logits' own layout by one block copy, which a leaf's AccumulateGrad keeps
-        return torch.ops.fastmargin._class_first(grad, list(ctx.shape))
+        N, C, *spatial = ctx.shape
+        return grad.reshape(N, *spatial, C).movedim(-1, 1)
 
 
 def _target_shape_message(

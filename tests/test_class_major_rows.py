@@ -38,39 +38,6 @@ def test_cpu_rows_are_class_major_copies(shape, dtype):
     assert rows.data_ptr() != x.data_ptr()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_class_first_is_the_inverse_block_copy(shape, dtype):
-    """_class_first: the rows' gradient back as contiguous (N, C, d1, ...) logits, from
-    class-major rows (the CPU's block copy) or any other rows (ATen's permuted copy)."""
-    x = _random(shape, dtype)
-    rows = ops._class_last(x)
-    back = ops._class_first(rows, list(shape))
-    assert torch.equal(back, x) and back.is_contiguous()
-    contiguous_rows = x.movedim(1, -1).reshape(-1, 1, shape[1]).contiguous()
-    other = ops._class_first(contiguous_rows, list(shape))
-    assert torch.equal(other, x) and other.is_contiguous()
-    meta = ops._class_first(rows.to("meta"), list(shape))  # the CompositeExplicitAutograd kernel
-    assert meta.shape == x.shape and meta.is_contiguous()
-
-
-def test_spatial_leaf_gradient_is_the_block_copy_itself():
-    """The gradient reaches a contiguous leaf already in its layout: AccumulateGrad stores the
-    tensor _class_first made instead of copying a view of the rows (one copy, not two)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    x = _random((2, 21, 8, 8), torch.float32).requires_grad_(True)
-    y = torch.randint(0, 21, (2, 8, 8), generator=torch.Generator().manual_seed(3))
-    fm.worst_of_k_cross_entropy(x, y).backward()  # warm-up
-    x.grad = None
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fm.worst_of_k_cross_entropy(x, y).backward()
-    names = {e.key for e in prof.key_averages()}
-    assert "fastmargin::_class_first" in names
-    assert not names & {"aten::copy_", "aten::clone"}, "the gradient was copied again"
-    assert x.grad.is_contiguous()
-
-
 @pytest.mark.parametrize(
     "make",
     [

@@ -240,14 +240,10 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     // autograd of its own) and call the kernel directly.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     if (need_logits) {
-      const at::Tensor grad_rows =
+      out[0] = grad_in_layout(
           worst_of_k_ce_bwd_op().call(grad_loss, logits, target, optional_of(radius), lse, weight,
-                                      label_smoothing, ignore_index, optional_of(class_weight));
-      // Spatial: the gradient in the logits' own (contiguous) layout by one block copy, which a
-      // leaf's AccumulateGrad then keeps as it is (a view of the rows it would copy itself,
-      // more slowly). First order only: the create_graph path above keeps differentiable views.
-      out[0] = layout == kSpatial ? class_first_op().call(grad_rows, input.sizes())
-                                  : grad_in_layout(grad_rows, layout, input.sizes());
+                                      label_smoothing, ignore_index, optional_of(class_weight)),
+          layout, input.sizes());
     }
     if (need_target) {
       out[1] =

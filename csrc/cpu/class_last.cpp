@@ -44,39 +44,12 @@ at::Tensor class_last_cpu(const at::Tensor& x) {
   return class_major_rows_of(memory);
 }
 
-// The inverse for the gradient of class-major rows: each (class, sample) run of S positions
-// back to (sample, class), one memcpy each (ATen's permuted copy, which a leaf's AccumulateGrad
-// would otherwise make, took about twice as long at 4 x 21 x 32 x 32). Other rows: ATen.
-at::Tensor class_first_cpu(const at::Tensor& rows, at::IntArrayRef shape) {
-  const int64_t N = shape[0], C = shape[1], R = rows.size(0);
-  const bool class_major = rows.dim() == 3 && rows.size(1) == 1 && rows.size(2) == C && C > 1 &&
-                           N > 0 && R > 1 && rows.stride(0) == 1 && rows.stride(2) == R;
-  if (!class_major || rows.is_conj() || rows.is_neg()) return class_first_rows(rows, shape);
-  at::Tensor out = at::empty(shape, rows.options());
-  const int64_t S = R / N;
-  const int64_t run = S * static_cast<int64_t>(rows.element_size());
-  const char* src = static_cast<const char*>(rows.const_data_ptr());
-  char* dst = static_cast<char*>(out.mutable_data_ptr());
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(run, 1));
-  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / C, c = i % C;  // dst run i = (n, c), src run (c, n)
-      std::memcpy(dst + i * run, src + (c * N + n) * run, static_cast<size_t>(run));
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmargin, CPU, m) {
-  m.impl("_class_last", &class_last_cpu);
-  m.impl("_class_first", &class_first_cpu);
-}
+TORCH_LIBRARY_IMPL(fastmargin, CPU, m) { m.impl("_class_last", &class_last_cpu); }
 
 TORCH_LIBRARY_IMPL(fastmargin, CompositeExplicitAutograd, m) {
   m.impl("_class_last", &contiguous_rows);
-  m.impl("_class_first", &class_first_rows);
 }
 
 }  // namespace fastmargin

@@ -7,8 +7,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
-
 namespace fastmargin {
 
 // (N, S, C): the samples, the positions per sample, the classes.
@@ -42,15 +40,6 @@ inline at::Tensor class_major_rows(const at::Tensor& x) {
 inline at::Tensor contiguous_rows(const at::Tensor& x) {
   const SpatialShape sh = spatial_shape(x);
   return x.movedim(1, -1).reshape({sh.N * sh.S, 1, sh.C}).contiguous();
-}
-
-// Rows (N * S, 1, C) back as a contiguous (N, C, d1, ...) tensor of `shape`: ATen's copy of the
-// permuted rows (fastmargin::_class_first on every device but the CPU).
-inline at::Tensor class_first_rows(const at::Tensor& rows, at::IntArrayRef shape) {
-  const SpatialShape sh{shape[0], rows.size(0) / std::max<int64_t>(shape[0], 1), shape[1]};
-  at::Tensor out = at::empty(shape, rows.options());
-  out.view({sh.N, sh.C, sh.S}).copy_(rows.reshape({sh.N, sh.S, sh.C}).transpose(1, 2));
-  return out;
 }
 
 }  // namespace fastmargin

@@ -44,13 +44,4 @@ inline const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& class_last
   return op;
 }
 
-// fastmargin::_class_first: the rows' gradient back as contiguous (N, C, d1, ...) logits.
-inline const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, at::IntArrayRef)>&
-class_first_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmargin::_class_first", "")
-                             .typed<at::Tensor(const at::Tensor&, at::IntArrayRef)>();
-  return op;
-}
-
 }  // namespace fastmargin
