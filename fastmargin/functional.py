@@ -103,8 +103,9 @@ def worst_of_k_cross_entropy(
             the per-sample losses (all zeros without ``dim``: one copy).
         inplace_backward: write the gradient over ``logits`` during the forward (eager mode
             and a scalar loss only; ignored under ``torch.compile``). Saves the logits-sized
-            gradient allocation for a terminal loss, as the fused kernels of Liger do;
-            afterwards ``logits`` holds d loss / d logits (times the upstream gradient once
+            gradient allocation for a terminal loss, as the fused kernels of Liger do (memory,
+            not time: it moves more bytes, and measured 2.2-3.9x the default's time on an
+            H200); afterwards ``logits`` holds d loss / d logits (times the upstream gradient once
             backward has run), so it must not be used for anything else. Refused (with a
             RuntimeError) for logits that are a leaf tensor requiring grad, such as an
             ``nn.Parameter``, or a view of one; a second backward through the loss raises a
