@@ -718,9 +718,7 @@ at::Tensor worst_of_k_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                                  const c10::optional<at::Tensor>& class_weight) {
   const KernelLayout layout = layout_of(logits, target, radius, class_weight);
   at::Tensor grad = at::empty_like(logits);
-  if (layout == KernelLayout::kCopy ||
-      (layout == KernelLayout::kClassMajor &&
-       (grad.stride(0) != 1 || grad.stride(2) != logits.stride(2)))) {
+  if (backward_through_copy(layout, logits, grad)) {
     grad.copy_(worst_of_k_ce_bwd_cpu(grad_loss, logits.contiguous(), target, radius, lse, weight,
                                      label_smoothing, ignore_index, class_weight));
     return grad;

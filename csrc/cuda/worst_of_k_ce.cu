@@ -592,11 +592,7 @@ at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   const KernelLayout layout = layout_of(logits, target, radius, class_weight);
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty_like(logits);
-  // The kernels write the gradient with the logits' class stride: a gradient laid out otherwise
-  // (empty_like of logits that are not dense) takes the copy too.
-  if (layout == KernelLayout::kCopy ||
-      (layout == KernelLayout::kClassMajor &&
-       (grad.stride(0) != 1 || grad.stride(2) != logits.stride(2)))) {
+  if (backward_through_copy(layout, logits, grad)) {
     grad.copy_(worst_of_k_ce_bwd_cuda(grad_loss, logits.contiguous(), target, radius, lse, weight,
                                       label_smoothing, ignore_index, class_weight));
     return grad;

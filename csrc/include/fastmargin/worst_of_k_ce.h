@@ -101,6 +101,17 @@ inline KernelLayout kernel_layout(const at::Tensor& logits, const at::Tensor& ta
   return plain && logits.size(2) <= max_classes ? KernelLayout::kClassMajor : KernelLayout::kCopy;
 }
 
+// Whether a backward into `grad` (empty_like(logits)) runs on a contiguous copy of the rows and
+// copies the result back: kCopy calls, and class-major rows whose gradient buffer is not laid out
+// as the logits (empty_like of logits that are not dense), since the kernels write the gradient
+// with the logits' strides.
+inline bool backward_through_copy(KernelLayout layout, const at::Tensor& logits,
+                                  const at::Tensor& grad) {
+  return layout == KernelLayout::kCopy ||
+         (layout == KernelLayout::kClassMajor &&
+          (grad.stride(0) != 1 || grad.stride(2) != logits.stride(2)));
+}
+
 // Class weights: (C,) contiguous in the statistics dtype (float32, float64 for float64 logits).
 inline void check_class_weight(const at::Tensor& logits,
                                const c10::optional<at::Tensor>& class_weight) {
