@@ -1,10 +1,11 @@
 """Measurements on a GPU that ``make gpu-check`` does not make, for questions its results raised.
 
     python scripts/gpu_probe.py autocast           F.cross_entropy under CUDA autocast vs float32
-    python scripts/gpu_probe.py graph {torch,fm}   capture + replay one CUDA graph of a training
-                                                   step's loss (torch ops only, or fastmargin's);
-                                                   run under compute-sanitizer to tell a tool's
-                                                   limit from a fault of fastmargin's
+    python scripts/gpu_probe.py graph KIND         capture + replay one CUDA graph of a training
+                                                   step's loss (KIND: torch, fm, wok, margin,
+                                                   perturb, noise; see graph_capture); run under
+                                                   compute-sanitizer to tell a tool's limit from
+                                                   a fault of fastmargin's
     python scripts/gpu_probe.py profile            CUDA kernel times of the benchmark cases that
                                                    are far from the byte model (torch.profiler)
     python scripts/gpu_probe.py overhead           microseconds per call at 8 x 10 (fwd + bwd,
@@ -47,21 +48,49 @@ def autocast_error() -> dict:
     return out
 
 
+GRAPH_KINDS = ("torch", "fm", "wok", "margin", "perturb", "noise")
+
+
 def graph_capture(kind: str) -> dict:
-    """Capture one forward + backward of a loss on a side stream's warm-up, replay it twice."""
+    """Capture one forward + backward of one loss after a side stream's warm-up, replay it
+    twice. ``torch``: F.cross_entropy; ``fm``: the worst-of-k loss at C = 37 (warp rows);
+    ``wok``, ``margin``, ``perturb``, ``noise``: each op of the self-check's all-ops step alone,
+    with its shapes, to find the one whose capture a sanitizer invalidates."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(64, 4, 37, device="cuda", generator=gen, requires_grad=True)
-    y = torch.randint(0, 37, (64,), device="cuda", generator=gen)
     fm.set_validation(False)  # the target check synchronises: not capturable
 
-    def step() -> torch.Tensor:
-        x.grad = None
+    def leaf(*shape, dtype=torch.float32, scale=1.0):
+        t = scale * torch.randn(*shape, device="cuda", generator=gen)
+        return t.to(dtype).requires_grad_(True)
+
+    if kind in ("torch", "fm"):
+        x = leaf(64, 4, 37)
+        y = torch.randint(0, 37, (64,), device="cuda", generator=gen)
         if kind == "torch":
-            loss = F.cross_entropy(x.reshape(-1, 37), y.repeat_interleave(4))
+            tensors, fn = [x], lambda: F.cross_entropy(x.reshape(-1, 37), y.repeat_interleave(4))
         else:
-            loss = fm.worst_of_k_cross_entropy(x, y, dim=1)
-        loss.backward()
-        return loss
+            tensors, fn = [x], lambda: fm.worst_of_k_cross_entropy(x, y, dim=1)
+    elif kind in ("wok", "margin", "noise"):
+        y = torch.randint(0, 1003, (64,), device="cuda", generator=gen)
+        if kind == "wok":
+            x = leaf(4, 64, 1003, dtype=torch.bfloat16)
+            tensors = [x]
+            fn = lambda: fm.worst_of_k_cross_entropy(x, y, dim=0, temperature=0.5)  # noqa: E731
+        elif kind == "margin":
+            m = leaf(64, 1003)
+            tensors, fn = [m], lambda: fm.multiclass_margin(m, y).sum()
+        else:
+            xn, sn = leaf(64, 1003), leaf(64)
+            tensors = [xn, sn]
+            fn = lambda: fm.weight_noise_worst_of_k_cross_entropy(xn, y, sn.abs(), k=4)  # noqa: E731
+    else:
+        u, d = leaf(3, 70000, dtype=torch.bfloat16), leaf(3, 70000, scale=1e-2)
+        tensors, fn = [u, d], lambda: fm.all_layer_perturb(u, d).float().square().sum()
+
+    def step() -> torch.Tensor:
+        loss = fn()
+        torch.autograd.grad(loss, tensors)
+        return loss.detach()
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -170,7 +199,7 @@ def main(argv: list[str]) -> int:
     what = argv[1] if len(argv) > 1 else ""
     if what == "autocast":
         result = autocast_error()
-    elif what == "graph" and len(argv) > 2 and argv[2] in ("torch", "fm"):
+    elif what == "graph" and len(argv) > 2 and argv[2] in GRAPH_KINDS:
         result = graph_capture(argv[2])
     elif what == "profile":
         result = profile()
