@@ -225,9 +225,6 @@ struct ForwardRows {
         dradius(rad ? out.dradius.mutable_data_ptr<acc_t>() : nullptr) {}
 };
 
-// Class-major rows (kernel_layout in worst_of_k_ce.h): a strided class dim.
-bool is_class_major(int64_t C, int64_t cs) { return C > 1 && cs != 1; }
-
 // Whether rows [b0, b0 + n) of a class-major block all have a class target and a finite max (so
 // their statistics stand as class_major_stats computed them): a branch-free check, so the common
 // block takes a loop without per-row branches.

@@ -90,11 +90,14 @@ inline void check_soft_target(const at::Tensor& logits, const at::Tensor& target
 //   the checks.
 enum class KernelLayout { kRows, kClassMajor, kCopy };
 
+// A strided class dim (of more than one class): the kernels' test for class-major rows.
+inline bool is_class_major(int64_t C, int64_t cs) { return C > 1 && cs != 1; }
+
 inline KernelLayout kernel_layout(const at::Tensor& logits, const at::Tensor& target,
                                   const c10::optional<at::Tensor>& radius,
                                   const c10::optional<at::Tensor>& class_weight,
                                   int64_t max_classes) {
-  const bool class_major = logits.dim() == 3 && logits.size(2) > 1 && logits.stride(2) != 1 &&
+  const bool class_major = logits.dim() == 3 && is_class_major(logits.size(2), logits.stride(2)) &&
                            logits.size(1) == 1 && logits.stride(0) == 1;
   if (!class_major) return KernelLayout::kRows;
   const bool plain = !radius.has_value() && !class_weight.has_value() && !is_soft_target(target);
