@@ -98,7 +98,8 @@ def worst_of_k_ce(
     class_weight: Optional[torch.Tensor] = None,
     index: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""(loss (B,), worst copy (B,) int64) of ``worst_of_k_ce_fwd`` for (B, k, C) logits.
+    r"""(loss (B,), worst copy (B,) int64) of ``worst_of_k_ce_fwd`` for (B, k, C) logits (or
+    4-D (N, S, k, C) spatial rows, B = N * S).
 
     Per copy the (smoothed, class-weighted) cross-entropy of the row, shifted to the
     weight-robust row :math:`\tilde z = z + r (1 - 2 e_y)` when ``radius`` is given; then
@@ -108,6 +109,8 @@ def worst_of_k_ce(
     """
     f = _stats_dtype(logits)
     z = logits.to(f)
+    if z.dim() == 4:  # spatial rows (N, S, k, C): B = N * S rows
+        z = z.flatten(0, 1)
     B, k, C = z.shape
     if target.is_floating_point():
         y = None

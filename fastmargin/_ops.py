@@ -36,7 +36,9 @@ def stats_dtype(logits: torch.Tensor) -> torch.dtype:
 def _worst_of_k_ce_fwd_fake(
     logits, target, radius, temperature, label_smoothing, ignore_index, class_weight=None
 ):
-    B, k = logits.shape[0], logits.shape[1]
+    # (B, k, C) rows, or 4-D spatial rows (N, S, k, C): B = N * S (csrc/include/fastmargin/
+    # worst_of_k_ce.h).
+    B, k = logits.shape[:-2].numel(), logits.shape[-2]
     f = stats_dtype(logits)
     return (
         logits.new_empty((B,), dtype=f),

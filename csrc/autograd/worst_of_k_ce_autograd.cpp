@@ -24,6 +24,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Reduction.h>
 #include <torch/autograd.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -92,12 +93,19 @@ at::Tensor mean_divisor(const at::Tensor& target, int64_t ignore_index,
 }
 
 // The (B, k, C) rows of logits in `layout` (see worst_of_k_ce_autograd.h): a view, or for
-// spatial logits the one copy of fastmargin::_class_last. Inside the node, so that no view node
-// of its own is recorded: one node per loss.
+// spatial logits on the CPU the (N, S, 1, C) view the CPU kernels read in place, elsewhere the
+// one copy of fastmargin::_class_last. Inside the node, so that no view node of its own is
+// recorded: one node per loss.
 at::Tensor rows_of(const at::Tensor& logits, int64_t layout) {
   if (layout == kCopiesFirst) return logits.transpose(0, 1);
   if (layout == kOneCopy) return logits.unsqueeze(1);
-  if (layout == kSpatial) return class_last_op().call(logits);
+  if (layout == kSpatial) {
+    if (!logits.device().is_cpu()) return class_last_op().call(logits);
+    // Contiguous (N, C, d1, ...) as memory (N, C, S): row n * S + s at n * C * S + s, class stride
+    // S. One as_strided (a view, as view + permute would make in two ops: host time).
+    const int64_t N = logits.size(0), C = logits.size(1), S = logits.numel() / (N * C);
+    return logits.as_strided({N, S, 1, C}, {C * S, 1, C * S, S});
+  }
   return logits;
 }
 
@@ -108,11 +116,25 @@ at::Tensor differentiable_spatial_rows(const at::Tensor& logits) {
   return logits.movedim(1, -1).reshape({-1, 1, C});
 }
 
+// Whether (N, S, 1, C) rows lie as contiguous (N, C, S) logits (rows_of's in-place view, and
+// empty_like of it).
+bool lies_as_contiguous_logits(const at::Tensor& rows) {
+  if (rows.dim() != 4) return false;
+  const int64_t S = rows.size(1), C = rows.size(3);
+  return rows.stride(0) == S * C && rows.stride(1) == 1 && rows.stride(3) == S;
+}
+
 // A gradient of the rows, back in the logits' layout (a view).
 at::Tensor grad_in_layout(const at::Tensor& grad_rows, int64_t layout, at::IntArrayRef shape) {
   if (layout == kCopiesFirst) return grad_rows.transpose(0, 1);
   if (layout == kOneCopy) return grad_rows.squeeze(1);
-  if (layout == kSpatial) {  // (N * d1 * ..., 1, C) -> (N, d1, ..., C) -> (N, C, d1, ...)
+  // (N * d1 * ..., 1, C) or (N, S, 1, C) -> (N, d1, ..., C) -> (N, C, d1, ...), a view. The
+  // gradient of in-place rows lies as the contiguous logits do: one as_strided (host time), and
+  // AccumulateGrad takes it as it is.
+  if (layout == kSpatial && lies_as_contiguous_logits(grad_rows)) {
+    return grad_rows.as_strided(shape, c10::contiguous_strides(shape));
+  }
+  if (layout == kSpatial) {
     std::vector<int64_t> class_last(shape.begin(), shape.end());
     class_last.erase(class_last.begin() + 1);
     class_last.push_back(shape[1]);
@@ -183,10 +205,11 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     if (reduction != at::Reduction::None) {
       loss = reduce_forward(loss, target, ignore_index, class_weight, reduction, &divisor);
     }
-    // Spatial rows are a copy: saved, not made again in the backward.
+    // Spatial rows made by a copy are saved, not made again in the backward (views are).
+    const bool rows_copied = layout == kSpatial && !rows.is_alias_of(logits);
     ctx->save_for_backward({logits, target, radius.value_or(at::Tensor()), lse, weight, dradius,
                             class_weight.value_or(at::Tensor()), index, divisor,
-                            layout == kSpatial ? rows : at::Tensor()});
+                            rows_copied ? rows : at::Tensor()});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -208,9 +231,10 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     const int64_t layout = ctx->saved_data["layout"].toInt();
     // The rows of the logits (with create_graph=True differentiable functions of them).
     const at::Tensor& input = saved[0];
-    const at::Tensor logits = layout != kSpatial           ? rows_of(input, layout)
-                              : at::GradMode::is_enabled() ? differentiable_spatial_rows(input)
-                                                           : saved[9];
+    const bool differentiable_rows = layout == kSpatial && at::GradMode::is_enabled();
+    const at::Tensor logits = differentiable_rows  ? differentiable_spatial_rows(input)
+                              : saved[9].defined() ? saved[9]
+                                                   : rows_of(input, layout);
     const at::Tensor &target = saved[1], &radius = saved[2], &lse = saved[3], &weight = saved[4],
                      &dradius = saved[5], &class_weight = saved[6], &index = saved[7],
                      &divisor = saved[8];

@@ -210,12 +210,12 @@ struct ForwardRows {
 
   ForwardRows(const at::Tensor& logits, const c10::optional<at::Tensor>& radius,
               WorstOfKForward& out)
-      : B(logits.size(0)),
-        k(logits.size(1)),
-        C(logits.size(2)),
-        sb(logits.stride(0)),
-        sk(logits.stride(1)),
-        cs(logits.stride(2)),
+      : B(num_rows(logits)),
+        k(num_copies(logits)),
+        C(num_classes(logits)),
+        sb(logits.stride(0)),  // of 3-D logits (4-D ones are class-major: ClassMajorRows)
+        sk(logits.stride(logits.dim() - 2)),
+        cs(logits.stride(logits.dim() - 1)),
         base(logits.const_data_ptr<scalar_t>()),
         rad(radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr),
         loss(out.loss.mutable_data_ptr<acc_t>()),
@@ -223,6 +223,25 @@ struct ForwardRows {
         weight(out.weight.mutable_data_ptr<acc_t>()),
         index(out.index.mutable_data_ptr<int64_t>()),
         dradius(rad ? out.dradius.mutable_data_ptr<acc_t>() : nullptr) {}
+};
+
+// Where class-major rows lie (kernel_layout's kClassMajor): row b at offset
+// (b / S) * sample_stride + b % S, class c a further c * cs. 3-D (B, 1, C) rows are one block of
+// S = B consecutive rows; spatial (N, S, 1, C) rows are a block per sample. The gradient has the
+// same strides (backward_through_copy), so the same offsets.
+struct ClassMajorRows {
+  int64_t S, sample_stride;
+
+  explicit ClassMajorRows(const at::Tensor& logits)
+      : S(std::max<int64_t>(1, logits.dim() == 4 ? logits.size(1) : logits.size(0))),
+        sample_stride(logits.dim() == 4 ? logits.stride(0) : 0) {}
+
+  int64_t offset(int64_t b) const { return (b / S) * sample_stride + b % S; }
+  // Rows of [b, end) that lie consecutively in memory, at most `most`: a block never spans two
+  // samples.
+  int64_t block(int64_t b, int64_t end, int64_t most) const {
+    return std::min({end - b, most, S - b % S});
+  }
 };
 
 // Whether rows [b0, b0 + n) of a class-major block all have a class target and a finite max (so
@@ -251,6 +270,7 @@ void forward_class_major(const at::Tensor& logits, double temperature, int64_t i
   using acc_t = typename Loss::acc_t;
   constexpr int64_t kBlock = 4 * cpu::kMajorTile;
   const ForwardRows<scalar_t, acc_t> p(logits, c10::nullopt, out);
+  const ClassMajorRows rows(logits);
   const int64_t B = p.B, C = p.C, cs = p.cs;
   const acc_t tau = static_cast<acc_t>(temperature);
   const bool want_sum = L.eps != acc_t(0);
@@ -258,13 +278,15 @@ void forward_class_major(const at::Tensor& logits, double temperature, int64_t i
 
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     acc_t mx[kBlock], lse[kBlock], sz[kBlock];
-    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-      const int64_t n = std::min(end - b0, kBlock);
-      cpu::class_major_stats(p.base + b0, cs, n, C, want_sum, mx, lse, sz);
+    int64_t n = 0;
+    for (int64_t b0 = begin; b0 < end; b0 += n) {
+      n = rows.block(b0, end, kBlock);
+      const scalar_t* x = p.base + rows.offset(b0);  // row b0 + i at x + i
+      cpu::class_major_stats(x, cs, n, C, want_sum, mx, lse, sz);
       if (tau == acc_t(0) && all_plain_rows(b0, n, mx, C, ignore_index, L)) {
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = b0 + i;
-          const acc_t zy = static_cast<acc_t>(p.base[b + L.index_target(b) * cs]);
+          const acc_t zy = static_cast<acc_t>(x[i + L.index_target(b) * cs]);
           p.loss[b] = ce_from_stats(lse[i], zy, sz[i], L.eps, C);
           p.lse[b] = lse[i];
           p.weight[b] = acc_t(1);
@@ -285,11 +307,11 @@ void forward_class_major(const at::Tensor& logits, double temperature, int64_t i
         acc_t lse_b = lse[i];
         if (!cpu::is_finite(mx[i])) {  // all -inf / +inf / all NaN: the scalar online pass
           st = RowStats<acc_t>::empty();
-          for (int64_t c = 0; c < C; ++c) st.add(static_cast<acc_t>(p.base[b + c * cs]), want_sum);
+          for (int64_t c = 0; c < C; ++c) st.add(static_cast<acc_t>(x[i + c * cs]), want_sum);
           lse_b = st.lse();
         }
         const acc_t loss =
-            ce_from_stats(lse_b, static_cast<acc_t>(p.base[b + y * cs]), st.sumz, L.eps, C);
+            ce_from_stats(lse_b, static_cast<acc_t>(x[i + y * cs]), st.sumz, L.eps, C);
         if (tau == acc_t(0)) {
           p.lse[b] = lse_b;
           p.weight[b] = acc_t(1);
@@ -437,8 +459,8 @@ template <typename Loss>
 void forward_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& radius,
                   double temperature, int64_t ignore_index, const Loss& L, WorstOfKForward& out) {
   if constexpr (Loss::kSmallRowBatches) {
-    const int64_t C = logits.size(2);
-    if (is_class_major(C, logits.stride(2))) {
+    const int64_t C = num_classes(logits);
+    if (is_class_major(C, logits.stride(logits.dim() - 1))) {
       forward_class_major(logits, temperature, ignore_index, L, out);
       return;
     }
@@ -499,13 +521,13 @@ struct BackwardRows {
                const c10::optional<at::Tensor>& radius, const at::Tensor& lse_t,
                const at::Tensor& weight, at::Tensor& grad)
       : L(loss),
-        k(logits.size(1)),
-        C(logits.size(2)),
-        sb(logits.stride(0)),
-        sk(logits.stride(1)),
+        k(num_copies(logits)),
+        C(num_classes(logits)),
+        sb(logits.stride(0)),  // of 3-D logits (4-D ones are class-major: ClassMajorRows)
+        sk(logits.stride(logits.dim() - 2)),
         gb(grad.stride(0)),
-        gk(grad.stride(1)),
-        cs(logits.stride(2)),
+        gk(grad.stride(grad.dim() - 2)),
+        cs(logits.stride(logits.dim() - 1)),
         base(logits.const_data_ptr<scalar_t>()),
         gbase(grad.mutable_data_ptr<scalar_t>()),
         rad(radius.has_value() ? radius->const_data_ptr<acc_t>() : nullptr),
@@ -588,7 +610,7 @@ void backward_small_rows(const BackwardRows<Loss>& p, int64_t rows) {
 // target class's term in its lanes); rows without a gradient (weight 0: zeros; an invalid target:
 // NaN) are overwritten after.
 template <typename Loss>
-void backward_class_major(const BackwardRows<Loss>& p, int64_t rows) {
+void backward_class_major(const BackwardRows<Loss>& p, const ClassMajorRows& layout, int64_t rows) {
   using scalar_t = typename Loss::scalar_t;
   using acc_t = typename Loss::acc_t;
   constexpr int64_t kBlock = 4 * cpu::kMajorTile;
@@ -599,8 +621,10 @@ void backward_class_major(const BackwardRows<Loss>& p, int64_t rows) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     acc_t r[kBlock], lse[kBlock], s[kBlock];
     int32_t y[kBlock];
-    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-      const int64_t n = std::min(kBlock, end - b0);
+    int64_t n = 0;
+    for (int64_t b0 = begin; b0 < end; b0 += n) {
+      n = layout.block(b0, end, kBlock);
+      const int64_t at = layout.offset(b0);  // row b0 + i at at + i, in the logits and gradient
       bool all_dense = true;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = b0 + i, yi = L.index_target(b);
@@ -611,11 +635,11 @@ void backward_class_major(const BackwardRows<Loss>& p, int64_t rows) {
         lse[i] = dense ? p.lse[b] : acc_t(0);
         s[i] = dense ? p.w[b] * p.g[b] : acc_t(0);
       }
-      cpu::class_major_grad(p.base + b0, cs, n, C, y, r, lse, s, L.eps_over_c, q_off, p.gbase + b0);
+      cpu::class_major_grad(p.base + at, cs, n, C, y, r, lse, s, L.eps_over_c, q_off, p.gbase + at);
       if (all_dense) continue;
       for (int64_t i = 0; i < n; ++i) {
         if (y[i] >= 0) continue;
-        scalar_t* out = p.gbase + b0 + i;
+        scalar_t* out = p.gbase + at + i;
         const scalar_t fill = p.w[b0 + i] == acc_t(0)
                                   ? scalar_t(0)  // unselected copy or ignored sample
                                   : static_cast<scalar_t>(quiet_nan<acc_t>());  // invalid target
@@ -631,10 +655,10 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits,
                    const at::Tensor& weight, const Loss& L, at::Tensor& grad) {
   using acc_t = typename Loss::acc_t;
   const BackwardRows<Loss> p(L, grad_loss, logits, radius, lse, weight, grad);
-  const int64_t rows = logits.size(0) * p.k, C = p.C;
+  const int64_t rows = num_rows(logits) * p.k, C = p.C;
   if constexpr (Loss::kSmallRowBatches) {
     if (is_class_major(C, p.cs)) {
-      backward_class_major(p, rows);
+      backward_class_major(p, ClassMajorRows(logits), rows);
       return;
     }
     if (C > 0 && C <= cpu::kSmallRow && p.uniform_rows()) {
@@ -657,7 +681,7 @@ c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
 template <typename Body>
 void with_loss(bool weighted, const at::Tensor& logits, const at::Tensor& tgt,
                const c10::optional<at::Tensor>& class_weight, double label_smoothing, Body&& body) {
-  const int64_t C = logits.size(2);
+  const int64_t C = num_classes(logits);
   if (weighted) {
     dispatch_weighted(logits, tgt, [&](auto s, auto t) {
       body(WeightedLoss<decltype(s), decltype(t)>(tgt, class_weight, label_smoothing, C));
@@ -673,7 +697,8 @@ void with_loss(bool weighted, const at::Tensor& logits, const at::Tensor& tgt,
 KernelLayout layout_of(const at::Tensor& logits, const at::Tensor& target,
                        const c10::optional<at::Tensor>& radius,
                        const c10::optional<at::Tensor>& class_weight) {
-  return kernel_layout(logits, target, radius, class_weight, std::numeric_limits<int64_t>::max());
+  return kernel_layout(logits, target, radius, class_weight, std::numeric_limits<int64_t>::max(),
+                       /*spatial_in_place=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cpu(
@@ -682,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
     const c10::optional<at::Tensor>& class_weight) {
   const KernelLayout layout = layout_of(logits, target, radius, class_weight);
   if (layout == KernelLayout::kCopy) {
-    return worst_of_k_ce_fwd_cpu(logits.contiguous(), target, radius, temperature, label_smoothing,
+    return worst_of_k_ce_fwd_cpu(rows_copy(logits), target, radius, temperature, label_smoothing,
                                  ignore_index, class_weight);
   }
   const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight,
@@ -716,8 +741,9 @@ at::Tensor worst_of_k_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   const KernelLayout layout = layout_of(logits, target, radius, class_weight);
   at::Tensor grad = at::empty_like(logits);
   if (backward_through_copy(layout, logits, grad)) {
-    grad.copy_(worst_of_k_ce_bwd_cpu(grad_loss, logits.contiguous(), target, radius, lse, weight,
-                                     label_smoothing, ignore_index, class_weight));
+    grad.copy_(worst_of_k_ce_bwd_cpu(grad_loss, rows_copy(logits), target, radius, lse, weight,
+                                     label_smoothing, ignore_index, class_weight)
+                   .view(grad.sizes()));
     return grad;
   }
   const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,
@@ -737,10 +763,10 @@ void worst_of_k_ce_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor
   const KernelLayout layout = layout_of(logits, target, radius, class_weight);
   if (layout == KernelLayout::kCopy) {
     check_inplace_backward(logits, target);
-    const at::Tensor rows = logits.contiguous();
+    const at::Tensor rows = rows_copy(logits);
     worst_of_k_ce_bwd_inplace_cpu(grad_loss, rows, target, radius, lse, weight, label_smoothing,
                                   ignore_index, class_weight);
-    logits.copy_(rows);
+    copy_rows_back(logits, rows);
     return;
   }
   const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,

@@ -506,11 +506,14 @@ at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
 }
 
 // How the CUDA kernels read the logits (kernel_layout): class-major rows in place when a thread
-// per row reads them (C <= kRowThreadMaxClasses), through a contiguous copy otherwise.
+// per row reads them (C <= kRowThreadMaxClasses), through a contiguous copy otherwise; 4-D
+// spatial rows through a contiguous copy (fastmargin/_ce_layout.py hands CUDA logits over as
+// _class_last's class-major rows instead).
 KernelLayout layout_of(const at::Tensor& logits, const at::Tensor& target,
                        const c10::optional<at::Tensor>& radius,
                        const c10::optional<at::Tensor>& class_weight) {
-  return kernel_layout(logits, target, radius, class_weight, kRowThreadMaxClasses);
+  return kernel_layout(logits, target, radius, class_weight, kRowThreadMaxClasses,
+                       /*spatial_in_place=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cuda(
@@ -519,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
     const c10::optional<at::Tensor>& class_weight) {
   const KernelLayout layout = layout_of(logits, target, radius, class_weight);
   if (layout == KernelLayout::kCopy) {
-    return worst_of_k_ce_fwd_cuda(logits.contiguous(), target, radius, temperature, label_smoothing,
+    return worst_of_k_ce_fwd_cuda(rows_copy(logits), target, radius, temperature, label_smoothing,
                                   ignore_index, class_weight);
   }
   const bool weighted = check_worst_of_k_args(logits, target, radius, class_weight,
@@ -593,8 +596,9 @@ at::Tensor worst_of_k_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty_like(logits);
   if (backward_through_copy(layout, logits, grad)) {
-    grad.copy_(worst_of_k_ce_bwd_cuda(grad_loss, logits.contiguous(), target, radius, lse, weight,
-                                      label_smoothing, ignore_index, class_weight));
+    grad.copy_(worst_of_k_ce_bwd_cuda(grad_loss, rows_copy(logits), target, radius, lse, weight,
+                                      label_smoothing, ignore_index, class_weight)
+                   .view(grad.sizes()));
     return grad;
   }
   const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,
@@ -614,10 +618,10 @@ void worst_of_k_ce_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
   if (layout == KernelLayout::kCopy) {
     check_inplace_backward(logits, target);
     c10::cuda::CUDAGuard guard(logits.device());
-    const at::Tensor rows = logits.contiguous();
+    const at::Tensor rows = rows_copy(logits);
     worst_of_k_ce_bwd_inplace_cuda(grad_loss, rows, target, radius, lse, weight, label_smoothing,
                                    ignore_index, class_weight);
-    logits.copy_(rows);
+    copy_rows_back(logits, rows);
     return;
   }
   const bool weighted = check_worst_of_k_backward(grad_loss, logits, target, radius, lse, weight,

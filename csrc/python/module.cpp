@@ -318,11 +318,11 @@ PyObject* worst_of_k_cross_entropy(PyObject* /*module*/, PyObject* const* args, 
   auto [loss, index] =
       loss_in_dtype(logits, layout, rows_target, c10::nullopt, temperature, label_smoothing,
                     ignore_index, weight, reduction, dtype_arg(args[9]));
-  if (spatial) {  // per-sample results in the target's shape, as F.cross_entropy gives them
-    if (reduction == at::Reduction::None) loss = loss.view(target.sizes());
-    index = index.view(target.sizes());
+  // Spatial per-sample results in the target's shape, as F.cross_entropy gives them.
+  if (spatial && reduction == at::Reduction::None) loss = loss.view(target.sizes());
+  if (return_index == Py_True) {
+    return pair(std::move(loss), spatial ? index.view(target.sizes()) : std::move(index));
   }
-  if (return_index == Py_True) return pair(std::move(loss), std::move(index));
   return THPVariable_Wrap(std::move(loss));
   END_HANDLE_TH_ERRORS
 }

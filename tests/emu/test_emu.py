@@ -85,7 +85,7 @@ def check_worst_of_k(x, target, radius=None, tau=0.0, eps=0.0, weight=None, inpl
         else:
             close(a, b, dt)
     _, lse, w, _, _ = cpu
-    g = torch.rand(x.shape[0], generator=gen(7), dtype=stats_dtype(dt)) + 0.5
+    g = torch.rand(x.shape[:-2].numel(), generator=gen(7), dtype=stats_dtype(dt)) + 0.5
     bargs = (g, x, target, radius, lse, w, eps, -100, weight)
     grad_cpu = CPU.worst_of_k_ce_bwd(*bargs)
     grad_emu = EMU.worst_of_k_ce_bwd(*bargs)
@@ -155,6 +155,23 @@ def test_worst_of_k_class_major_rows(dtype, C, option):
     if option == "class_weight":
         kw["weight"] = torch.rand(C, generator=gen(4), dtype=sd) + 0.1
     check_worst_of_k(x, target, inplace=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [2, 21, 33])
+@pytest.mark.parametrize("option", ["plain", "smoothing", "class_weight"])
+def test_worst_of_k_spatial_rows(dtype, C, option):
+    """4-D spatial rows (N, S, 1, C), the in-place view of contiguous (N, C, S) logits that the
+    CPU kernels read: the CUDA ops run them on a contiguous (B, 1, C) copy and return the
+    gradient in the rows' layout (written back over them for the in-place backward)."""
+    N, S = 3, 101
+    x = (torch.randn(N, C, S, generator=gen(C + 60)) * 3).to(dtype)
+    rows = x.as_strided((N, S, 1, C), (C * S, 1, C * S, S))
+    target = index_target(N * S, C, 10, ignore=True, invalid=True)
+    kw = {"eps": 0.1} if option == "smoothing" else {}
+    if option == "class_weight":
+        kw["weight"] = torch.rand(C, generator=gen(5), dtype=stats_dtype(dtype)) + 0.1
+    check_worst_of_k(rows, target, inplace=True, **kw)
 
 
 @pytest.mark.parametrize("layout", ["kbc", "pad", "offset", "expand"])

@@ -19,14 +19,18 @@ inline at::ScalarType stats_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Class-index target: (N,) int64 on the logits' device, N = logits.size(0).
-inline void check_index_target(const at::Tensor& target, const at::Tensor& logits) {
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target: expected shape (",
-              logits.size(0), ",), got ", target.sizes());
+// Class-index target: (N,) int64 on the logits' device, N rows (by default logits.size(0)).
+inline void check_index_target(const at::Tensor& target, const at::Tensor& logits, int64_t N) {
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, "target: expected shape (", N, ",), got ",
+              target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "target: expected int64, got ",
               target.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), "target: expected device ", logits.device(),
               ", got ", target.device());
+}
+
+inline void check_index_target(const at::Tensor& target, const at::Tensor& logits) {
+  check_index_target(target, logits, logits.size(0));
 }
 
 // A (len,) vector `name` in the statistics dtype on the logits' device (radius, scale, class

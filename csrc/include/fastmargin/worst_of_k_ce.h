@@ -5,6 +5,10 @@
 // Layout: logits is (B, k, C) with the class dim contiguous and the other two strides
 // arbitrary, so both public copy layouts ((B, k, C) and a transposed (k, B, C)) arrive
 // without a copy. Class-major rows (a strided class dim: kernel_layout below) are also taken.
+// Spatial rows: 4-D logits (N, S, k, C) hold B = N * S rows, row b = n * S + s (the outputs are
+// (B,) and (B, k) as for 3-D logits). Their main use is contiguous (N, C, S) logits seen as
+// logits.view(N, C, S, 1).permute(0, 2, 3, 1), which the CPU kernels read in place (class stride
+// S, no copy, the gradient in the same layout); any other 4-D logits run on a (B, k, C) copy.
 // Per-row statistics are float32 (float64 for float64 logits).
 //
 // Targets: (B,) int64 class indices, or floating class probabilities (soft targets), either
@@ -28,12 +32,23 @@
 
 namespace fastmargin {
 
+// The number of rows B of (B, k, C) or spatial (N, S, k, C) logits (N * S).
+inline int64_t num_rows(const at::Tensor& logits) {
+  return logits.dim() == 4 ? logits.size(0) * logits.size(1) : logits.size(0);
+}
+
+// The copies k and classes C: the last two dims in either form.
+inline int64_t num_copies(const at::Tensor& logits) { return logits.size(logits.dim() - 2); }
+inline int64_t num_classes(const at::Tensor& logits) { return logits.size(logits.dim() - 1); }
+
 inline void check_worst_of_k_logits(const at::Tensor& logits, bool class_strided_ok = false) {
-  TORCH_CHECK(logits.dim() == 3, "logits: expected a 3-D (B, k, C) tensor, got ", logits.dim(),
-              "-D");
+  TORCH_CHECK(logits.dim() == 3 || logits.dim() == 4,
+              "logits: expected a 3-D (B, k, C) tensor (or 4-D (N, S, k, C) spatial rows), got ",
+              logits.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits: expected a floating dtype, got ",
               logits.scalar_type());
-  TORCH_CHECK(class_strided_ok || logits.size(2) <= 1 || logits.stride(2) == 1,
+  const int64_t C = num_classes(logits);
+  TORCH_CHECK(class_strided_ok || C <= 1 || logits.stride(logits.dim() - 1) == 1,
               "logits: the class dim must be contiguous (stride 1)");
 }
 
@@ -41,8 +56,9 @@ inline void check_worst_of_k_inputs(const at::Tensor& logits, const at::Tensor& 
                                     const c10::optional<at::Tensor>& radius,
                                     bool class_strided_ok = false) {
   check_worst_of_k_logits(logits, class_strided_ok);
-  check_index_target(target, logits);
-  if (radius.has_value()) check_stats_vector(*radius, "radius", logits.size(0), logits);
+  const int64_t B = num_rows(logits);
+  check_index_target(target, logits, B);
+  if (radius.has_value()) check_stats_vector(*radius, "radius", B, logits);
 }
 
 // A floating target holds class probabilities (soft targets); an integer one class indices.
@@ -81,13 +97,16 @@ inline void check_soft_target(const at::Tensor& logits, const at::Tensor& target
 // - kRows: a contiguous class dim (the ops' contract);
 // - kClassMajor: class-major rows (B, 1, C), a strided class dim with consecutive rows (row
 //   stride 1), the layout spatial logits come in from fastmargin::_class_last (memory
-//   (C, N * d1 * ...)). The kernels read them in place: on the CPU with consecutive rows in the
-//   lanes of a vector, on CUDA with a thread per row (consecutive threads on consecutive
-//   positions, every access coalesced). Only the plain loss (index targets, no class weights, no
-//   radius) with at most max_classes classes reads them so;
-// - kCopy: other class-major calls, which the op runs on a contiguous copy of the rows (the
-//   gradient is copied back into the logits' layout). Any other strided class dim is refused by
-//   the checks.
+//   (C, N * d1 * ...)); or spatial rows (N, S, 1, C) with consecutive positions (stride 1) and a
+//   strided class dim, the in-place view of contiguous (N, C, S) logits (memory (N, C, S), class
+//   stride S: a class-major block per sample). The kernels read them in place: on the CPU with
+//   consecutive rows in the lanes of a vector, on CUDA with a thread per row (consecutive threads
+//   on consecutive positions, every access coalesced). Only the plain loss (index targets, no
+//   class weights, no radius) with at most max_classes classes reads them so, and spatial rows
+//   only where the device's kernels take them (spatial_in_place: the CPU's);
+// - kCopy: other class-major calls and other 4-D logits, which the op runs on a contiguous
+//   (B, k, C) copy of the rows (rows_copy; the gradient is copied back into the logits'
+//   layout). Any other strided class dim is refused by the checks.
 enum class KernelLayout { kRows, kClassMajor, kCopy };
 
 // A strided class dim (of more than one class): the kernels' test for class-major rows.
@@ -96,12 +115,33 @@ inline bool is_class_major(int64_t C, int64_t cs) { return C > 1 && cs != 1; }
 inline KernelLayout kernel_layout(const at::Tensor& logits, const at::Tensor& target,
                                   const c10::optional<at::Tensor>& radius,
                                   const c10::optional<at::Tensor>& class_weight,
-                                  int64_t max_classes) {
-  const bool class_major = logits.dim() == 3 && is_class_major(logits.size(2), logits.stride(2)) &&
-                           logits.size(1) == 1 && logits.stride(0) == 1;
+                                  int64_t max_classes, bool spatial_in_place) {
+  bool class_major = false;
+  if (logits.dim() == 3) {
+    class_major = is_class_major(logits.size(2), logits.stride(2)) && logits.size(1) == 1 &&
+                  logits.stride(0) == 1;
+  } else if (logits.dim() == 4) {
+    class_major = spatial_in_place && is_class_major(logits.size(3), logits.stride(3)) &&
+                  logits.size(2) == 1 && (logits.size(1) <= 1 || logits.stride(1) == 1);
+    if (!class_major) return KernelLayout::kCopy;
+  }
   if (!class_major) return KernelLayout::kRows;
   const bool plain = !radius.has_value() && !class_weight.has_value() && !is_soft_target(target);
-  return plain && logits.size(2) <= max_classes ? KernelLayout::kClassMajor : KernelLayout::kCopy;
+  return plain && num_classes(logits) <= max_classes ? KernelLayout::kClassMajor
+                                                     : KernelLayout::kCopy;
+}
+
+// The (B, k, C) rows of kCopy calls: a contiguous copy (a view where 4-D logits already are
+// contiguous rows).
+inline at::Tensor rows_copy(const at::Tensor& logits) {
+  if (logits.dim() != 4) return logits.contiguous();
+  return logits.reshape({num_rows(logits), num_copies(logits), num_classes(logits)}).contiguous();
+}
+
+// Rows of a kCopy call written back over the logits they came from (unless they are a view of
+// them, already written).
+inline void copy_rows_back(const at::Tensor& logits, const at::Tensor& rows) {
+  if (!rows.is_alias_of(logits)) logits.copy_(rows.view(logits.sizes()));
 }
 
 // Whether a backward into `grad` (empty_like(logits)) runs on a contiguous copy of the rows and
@@ -110,16 +150,19 @@ inline KernelLayout kernel_layout(const at::Tensor& logits, const at::Tensor& ta
 // with the logits' strides.
 inline bool backward_through_copy(KernelLayout layout, const at::Tensor& logits,
                                   const at::Tensor& grad) {
-  return layout == KernelLayout::kCopy ||
-         (layout == KernelLayout::kClassMajor &&
-          (grad.stride(0) != 1 || grad.stride(2) != logits.stride(2)));
+  if (layout == KernelLayout::kCopy) return true;
+  if (layout != KernelLayout::kClassMajor) return false;
+  for (int64_t d = 0; d < logits.dim(); ++d) {
+    if (logits.size(d) > 1 && grad.stride(d) != logits.stride(d)) return true;
+  }
+  return false;
 }
 
 // Class weights: (C,) contiguous in the statistics dtype (float32, float64 for float64 logits).
 inline void check_class_weight(const at::Tensor& logits,
                                const c10::optional<at::Tensor>& class_weight) {
   if (!class_weight.has_value()) return;
-  check_stats_vector(*class_weight, "class_weight", logits.size(2), logits);
+  check_stats_vector(*class_weight, "class_weight", num_classes(logits), logits);
 }
 
 // All forward arguments; true when the weighted (class weight or soft target) path runs.
@@ -168,7 +211,7 @@ struct WorstOfKForward {
   at::Tensor dradius;  // (B,)   dL_b / dr_b, or (0,) when there is no radius
 
   static WorstOfKForward allocate(const at::Tensor& logits, bool with_radius) {
-    const int64_t B = logits.size(0), k = logits.size(1);
+    const int64_t B = num_rows(logits), k = num_copies(logits);
     auto f = logits.options().dtype(stats_dtype(logits));
     return {at::empty({B}, f), at::empty({B, k}, f), at::empty({B, k}, f),
             at::empty({B}, logits.options().dtype(at::kLong)), at::empty({with_radius ? B : 0}, f)};
@@ -187,7 +230,7 @@ inline bool check_worst_of_k_backward(const at::Tensor& grad_loss, const at::Ten
                                       bool class_strided_ok = false) {
   const bool weighted =
       check_worst_of_k_args(logits, target, radius, class_weight, class_strided_ok);
-  const int64_t B = logits.size(0), k = logits.size(1);
+  const int64_t B = num_rows(logits), k = num_copies(logits);
   const auto f = stats_dtype(logits);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && grad_loss.scalar_type() == f,
               "grad_loss: expected (", B, ",) of dtype ", f);
