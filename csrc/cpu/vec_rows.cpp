@@ -56,16 +56,22 @@ FM_CPU_CLONES void softmax_grad_small_rows_f32(const float* z, int64_t zs, int64
   softmax_grad_small_rows_loop(z, zs, rows, C, r, lse, s, a_off, out, os);
 }
 
-FM_CPU_CLONES void class_major_stats_f32(const float* x, int64_t cs, int64_t rows, int64_t C,
-                                         bool want_sum, float* mx, float* lse, float* sz) {
-  class_major_stats_loop(x, cs, rows, C, want_sum, mx, lse, sz);
-}
-
-FM_CPU_CLONES void class_major_grad_f32(const float* z, int64_t cs, int64_t rows, int64_t C,
-                                        const int32_t* y, const float* r, const float* lse,
-                                        const float* s, float a_off, float q_off, float* out) {
-  class_major_grad_loop(z, cs, rows, C, y, r, lse, s, a_off, q_off, out);
-}
+// The class-major loops per logits dtype: bfloat16 and half convert in the lanes, so each clone
+// vectorises the conversion too.
+#define FM_CLASS_MAJOR_CLONES(T, suffix)                                                           \
+  FM_CPU_CLONES void class_major_stats_##suffix(const T* x, int64_t cs, int64_t rows, int64_t C,   \
+                                                bool want_sum, float* mx, float* lse, float* sz) { \
+    class_major_stats_loop(x, cs, rows, C, want_sum, mx, lse, sz);                                 \
+  }                                                                                                \
+  FM_CPU_CLONES void class_major_grad_##suffix(const T* z, int64_t cs, int64_t rows, int64_t C,    \
+                                               const int32_t* y, const float* lse, const float* s, \
+                                               float a_off, float q_off, T* out) {                 \
+    class_major_grad_loop(z, cs, rows, C, y, lse, s, a_off, q_off, out);                           \
+  }
+FM_CLASS_MAJOR_CLONES(float, f32)
+FM_CLASS_MAJOR_CLONES(c10::BFloat16, bf16)
+FM_CLASS_MAJOR_CLONES(c10::Half, f16)
+#undef FM_CLASS_MAJOR_CLONES
 
 FM_CPU_CLONES void noise_blocks_f32(uint64_t seed, const uint64_t* w, const uint64_t* row,
                                     int64_t count, float* out) {

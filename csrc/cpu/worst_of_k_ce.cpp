@@ -618,8 +618,10 @@ void backward_class_major(const BackwardRows<Loss>& p, const ClassMajorRows& lay
   const int64_t C = p.C, cs = p.cs;
   const int64_t grain = std::max<int64_t>(kBlock, 32768 / C);
   const acc_t q_off = acc_t(1) - L.eps;
+  // kernel_layout gives class-major rows the plain loss only: no radius term to apply.
+  TORCH_INTERNAL_ASSERT(p.rad == nullptr, "class-major rows with a radius");
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    acc_t r[kBlock], lse[kBlock], s[kBlock];
+    acc_t lse[kBlock], s[kBlock];
     int32_t y[kBlock];
     int64_t n = 0;
     for (int64_t b0 = begin; b0 < end; b0 += n) {
@@ -631,11 +633,10 @@ void backward_class_major(const BackwardRows<Loss>& p, const ClassMajorRows& lay
         const bool dense = p.w[b] != acc_t(0) && yi >= 0 && yi < C;
         all_dense = all_dense && dense;
         y[i] = dense ? static_cast<int32_t>(yi) : -1;
-        r[i] = dense && p.rad ? p.rad[b] : acc_t(0);
         lse[i] = dense ? p.lse[b] : acc_t(0);
         s[i] = dense ? p.w[b] * p.g[b] : acc_t(0);
       }
-      cpu::class_major_grad(p.base + at, cs, n, C, y, r, lse, s, L.eps_over_c, q_off, p.gbase + at);
+      cpu::class_major_grad(p.base + at, cs, n, C, y, lse, s, L.eps_over_c, q_off, p.gbase + at);
       if (all_dense) continue;
       for (int64_t i = 0; i < n; ++i) {
         if (y[i] >= 0) continue;

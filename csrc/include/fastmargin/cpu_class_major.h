@@ -6,7 +6,8 @@
 // vector op, with no transpose and no horizontal step; per row the operations run in the order of
 // a scalar loop over the classes (the order of cpu_rows.h's small-row passes).
 //
-// Float rows go through the multiversioned entry points of csrc/cpu/vec_rows.cpp.
+// Float, bfloat16 and half rows go through the multiversioned entry points of
+// csrc/cpu/vec_rows.cpp.
 #pragma once
 
 #include <algorithm>
@@ -15,6 +16,9 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "fastmargin/ce_math.h"
 #include "fastmargin/cpu_vec_math.h"
@@ -96,71 +100,72 @@ void class_major_stats_loop(const scalar_t* x, int64_t cs, int64_t rows, int64_t
 }
 
 // The gradient of a tile of rows (class_major_grad_loop); lanes compare the class with their
-// row's target, so the target class costs no pass of its own.
+// row's target, so the target class costs no pass of its own. A short tile (kFull false) stores
+// only its n rows.
 template <bool kFull, typename scalar_t, typename acc_t>
 void class_major_grad_tile(const scalar_t* z, int64_t cs, int64_t r0, int64_t n, int64_t C,
-                           const int32_t* y, const acc_t* r, const acc_t* lse, const acc_t* s,
-                           acc_t a_off, acc_t q_off, scalar_t* out) {
-  acc_t rl[kMajorTile], ll[kMajorTile], sl[kMajorTile];
+                           const int32_t* y, const acc_t* lse, const acc_t* s, acc_t a_off,
+                           acc_t q_off, scalar_t* out) {
+  acc_t ll[kMajorTile], sl[kMajorTile];
   int32_t yl[kMajorTile];
   for (int l = 0; l < kMajorTile; ++l) {
     const int64_t i = lane_row<kFull>(r0, l, n);
-    rl[l] = r[i];
     ll[l] = lse[i];
     sl[l] = s[i];
     yl[l] = y[i];
   }
+  const int64_t lanes = kFull ? int64_t(kMajorTile) : n;  // a constant trip count when full
   for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* zc = z + c * cs;
-    scalar_t* oc = out + c * cs;
+    const scalar_t* zc = z + c * cs + r0;
+    scalar_t* oc = out + c * cs + r0;
     const int32_t ci = static_cast<int32_t>(c);
-    // The target class: exp(z - r - lse) - a_off - q_off, ce_grad's order of operations.
-    if (kFull) {
-      for (int l = 0; l < kMajorTile; ++l) {
-        const bool t = yl[l] == ci;
-        const acc_t v = static_cast<acc_t>(zc[r0 + l]) + (t ? -rl[l] : rl[l]);
-        oc[r0 + l] =
-            static_cast<scalar_t>(sl[l] * ((exp_lane(v - ll[l]) - a_off) - (t ? q_off : acc_t(0))));
-      }
-    } else {
-      for (int64_t l = 0; l < n; ++l) {
-        const bool t = yl[l] == ci;
-        const acc_t v = static_cast<acc_t>(zc[r0 + l]) + (t ? -rl[l] : rl[l]);
-        oc[r0 + l] =
-            static_cast<scalar_t>(sl[l] * ((exp_lane(v - ll[l]) - a_off) - (t ? q_off : acc_t(0))));
-      }
+    // exp(z - lse) - a_off, less q_off at the target class: ce_grad's order of operations.
+    for (int64_t l = 0; l < lanes; ++l) {
+      const acc_t q = yl[l] == ci ? q_off : acc_t(0);
+      oc[l] = static_cast<scalar_t>(sl[l] *
+                                    ((exp_lane(static_cast<acc_t>(zc[l]) - ll[l]) - a_off) - q));
     }
   }
 }
 
-// out[i, c] = s_i * ((exp(z~_i,c - lse_i) - a_off) - [c == y_i] q_off) for rows [0, rows) and
-// every class, z~ = z - r_i at the target class y_i and z + r_i elsewhere (ce_grad with
-// eps_over_c = a_off, 1 - eps = q_off), out laid out as z (class stride cs; out may be z: each
-// element is read before it is written).
+// out[i, c] = s_i * ((exp(z_i,c - lse_i) - a_off) - [c == y_i] q_off) for rows [0, rows) and
+// every class (ce_grad with eps_over_c = a_off, 1 - eps = q_off, no radius: class-major rows
+// carry the plain loss only), out laid out as z (class stride cs; out may be z: each element is
+// read before it is written).
 template <typename scalar_t, typename acc_t>
 void class_major_grad_loop(const scalar_t* z, int64_t cs, int64_t rows, int64_t C, const int32_t* y,
-                           const acc_t* r, const acc_t* lse, const acc_t* s, acc_t a_off,
-                           acc_t q_off, scalar_t* out) {
+                           const acc_t* lse, const acc_t* s, acc_t a_off, acc_t q_off,
+                           scalar_t* out) {
   int64_t r0 = 0;
   for (; r0 + kMajorTile <= rows; r0 += kMajorTile) {
-    class_major_grad_tile<true>(z, cs, r0, kMajorTile, C, y, r, lse, s, a_off, q_off, out);
+    class_major_grad_tile<true>(z, cs, r0, kMajorTile, C, y, lse, s, a_off, q_off, out);
   }
   if (r0 < rows) {
-    class_major_grad_tile<false>(z, cs, r0, rows - r0, C, y, r, lse, s, a_off, q_off, out);
+    class_major_grad_tile<false>(z, cs, r0, rows - r0, C, y, lse, s, a_off, q_off, out);
   }
 }
 
-void class_major_stats_f32(const float* x, int64_t cs, int64_t rows, int64_t C, bool want_sum,
-                           float* mx, float* lse, float* sz);
-void class_major_grad_f32(const float* z, int64_t cs, int64_t rows, int64_t C, const int32_t* y,
-                          const float* r, const float* lse, const float* s, float a_off,
-                          float q_off, float* out);
+// The multiversioned loops of csrc/cpu/vec_rows.cpp, per logits dtype (float statistics).
+#define FM_CLASS_MAJOR_ENTRY_POINTS(T, suffix)                                                    \
+  void class_major_stats_##suffix(const T* x, int64_t cs, int64_t rows, int64_t C, bool want_sum, \
+                                  float* mx, float* lse, float* sz);                              \
+  void class_major_grad_##suffix(const T* z, int64_t cs, int64_t rows, int64_t C,                 \
+                                 const int32_t* y, const float* lse, const float* s, float a_off, \
+                                 float q_off, T* out);
+FM_CLASS_MAJOR_ENTRY_POINTS(float, f32)
+FM_CLASS_MAJOR_ENTRY_POINTS(c10::BFloat16, bf16)
+FM_CLASS_MAJOR_ENTRY_POINTS(c10::Half, f16)
+#undef FM_CLASS_MAJOR_ENTRY_POINTS
 
 template <typename scalar_t, typename acc_t>
 void class_major_stats(const scalar_t* x, int64_t cs, int64_t rows, int64_t C, bool want_sum,
                        acc_t* mx, acc_t* lse, acc_t* sz) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     class_major_stats_f32(x, cs, rows, C, want_sum, mx, lse, sz);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    class_major_stats_bf16(x, cs, rows, C, want_sum, mx, lse, sz);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    class_major_stats_f16(x, cs, rows, C, want_sum, mx, lse, sz);
   } else {
     class_major_stats_loop(x, cs, rows, C, want_sum, mx, lse, sz);
   }
@@ -168,12 +173,15 @@ void class_major_stats(const scalar_t* x, int64_t cs, int64_t rows, int64_t C, b
 
 template <typename scalar_t, typename acc_t>
 void class_major_grad(const scalar_t* z, int64_t cs, int64_t rows, int64_t C, const int32_t* y,
-                      const acc_t* r, const acc_t* lse, const acc_t* s, acc_t a_off, acc_t q_off,
-                      scalar_t* out) {
+                      const acc_t* lse, const acc_t* s, acc_t a_off, acc_t q_off, scalar_t* out) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    class_major_grad_f32(z, cs, rows, C, y, r, lse, s, a_off, q_off, out);
+    class_major_grad_f32(z, cs, rows, C, y, lse, s, a_off, q_off, out);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    class_major_grad_bf16(z, cs, rows, C, y, lse, s, a_off, q_off, out);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    class_major_grad_f16(z, cs, rows, C, y, lse, s, a_off, q_off, out);
   } else {
-    class_major_grad_loop(z, cs, rows, C, y, r, lse, s, a_off, q_off, out);
+    class_major_grad_loop(z, cs, rows, C, y, lse, s, a_off, q_off, out);
   }
 }
 

@@ -18,11 +18,17 @@ constexpr int kLanes = 16;
 // n = round(x / ln 2) and f = x - n ln 2 split in two constants for accuracy. Below -87 it
 // returns exactly 0 (so -inf, masked classes, give 0); NaN stays NaN. Arguments here are
 // logits minus their row max or lse, so x > 88 does not occur (it is clamped, not inf).
+//
+// Written for few vector instructions, since this is the inner cost of every CPU kernel: the
+// clamps are a min and a max (a NaN passes both: every comparison with it is false); n is
+// rounded in float by the 1.5 * 2^23 shift, whose low mantissa bits then hold n (integer
+// arithmetic on a bit pattern, defined for any input, unlike a float-to-int conversion of NaN);
+// and a NaN x needs no test of its own: f, so the result, is NaN.
 inline float exp_lane(float x) {
   const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // t > 0 on the clamped range, so truncation is floor(x / ln2 + 0.5).
-  const int32_t n = static_cast<int32_t>(xc * 1.44269504088896341f + 128.5f) - 128;
-  const float fn = static_cast<float>(n);
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: t's mantissa holds round(xc / ln 2)
+  const float t = xc * 1.44269504088896341f + kShift;
+  const float fn = t - kShift;
   const float f = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * f + 1.3981999507e-3f;
@@ -31,11 +37,14 @@ inline float exp_lane(float x) {
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   const float y = p * f * f + f + 1.0f;
-  const int32_t bits = (n + 127) << 23;
+  uint32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
+  // 2^n: n = t_bits - bits(kShift) in [-126, 127] on the clamped range, biased by 127.
+  const uint32_t bits = (t_bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   const float result = y * scale;
-  return x != x ? x : (x < -87.0f ? 0.0f : result);
+  return x < -87.0f ? 0.0f : result;
 }
 
 inline double exp_lane(double x) { return std::exp(x); }
