@@ -6,11 +6,14 @@
 #include "fastmargin/op_namespace.h"
 
 TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
-  // Worst-of-k cross-entropy over (B, k, C) logits (class dim contiguous), optionally on the
-  // weight-robust rows z~ (radius (B,) >= 0). Returns (loss (B,), lse (B, k), weight (B, k),
-  // index (B,) int64, dloss_dradius (B,) or (0,)).
-  // target: (B,) int64 class indices, or class probabilities (B, C) shared by the copies or
-  // (B, k, C) per copy (floating; no radius). class_weight: (C,) in the statistics dtype.
+  // Worst-of-k cross-entropy over (B, k, C) logits (class dim contiguous, or class-major
+  // rows), optionally on the weight-robust rows z~ (radius (B,) >= 0). 4-D logits (N, S, k, C)
+  // are B = N * S rows (row n * S + s): the view (N, S, 1, C) of contiguous spatial logits
+  // (N, C, S) is read in place (the plain loss; on CUDA up to 32 classes); other 4-D inputs run
+  // on a (B, k, C) copy (see csrc/include/fastmargin/worst_of_k_ce.h). Returns (loss (B,), lse (B,
+  // k), weight (B, k), index (B,) int64, dloss_dradius (B,) or (0,)). target: (B,) int64 class
+  // indices, or class probabilities (B, C) shared by the copies or (B, k, C) per copy (floating; no
+  // radius). class_weight: (C,) in the statistics dtype.
   m.def(
       "worst_of_k_ce_fwd(Tensor logits, Tensor target, Tensor? radius, float temperature, "
       "float label_smoothing, int ignore_index, Tensor? class_weight=None) -> (Tensor, Tensor, "
@@ -39,9 +42,10 @@ TORCH_LIBRARY(FASTMARGIN_OPS_NS, m) {
   // with an in-range target. Composite (ATen ops).
   m.def("index_target_normaliser(Tensor target, int ignore_index, Tensor? weight=None) -> Tensor");
 
-  // Internal (fastmargin/_ce_layout.py, eager only): spatial logits (N, C, d1, ...) as the
-  // (N * d1 * ..., 1, C) rows the ops above read, in the layout the device's kernels read
-  // fastest: class-major on the CPU (csrc/cpu/class_last.cpp), class-contiguous elsewhere.
+  // Internal (fastmargin/_ce_layout.py, eager only):
+  // spatial logits (N, C, d1, ...) as the (N * d1 * ..., 1, C) rows the ops above read, in the
+  // layout the device's kernels read fastest: class-major on the CPU (csrc/cpu/class_last.cpp)
+  // and on CUDA for C <= 32, class-contiguous elsewhere.
   m.def("_class_last(Tensor logits) -> Tensor");
 
   // --- multiclass margin ---

@@ -7,13 +7,15 @@
   copied; spatial logits are copied once, transposed so that the class dim is contiguous
   (unless they already lie class-last in memory, e.g. channels-last, where the rows are a view).
   In eager mode that copy is the helper op of csrc/cpu/class_last.cpp (:class:`_ClassLast`): on
-  the CPU it makes class-major rows (memory (C, N * d1 * ...), a block copy), which the CPU
-  kernels read in place and whose gradient maps back to the logits' shape as a view.
+  the CPU (and on CUDA for C <= 32) it makes class-major rows (memory (C, N * d1 * ...), a block
+  copy), which the kernels read in place and whose gradient maps back to the logits' shape as a
+  view. (The common call, int64 class indices on contiguous logits, takes the C fast path
+  instead, which on the CPU copies nothing: csrc/autograd/worst_of_k_ce_autograd.cpp.)
 * With ``dim`` named, the logits are 3-D and hold k copies along it: (k, B, C) for dim=0,
   (B, k, C) for dim=1; the rows are a view in either layout.
 
 The class dim of the rows has stride 1 (one copy is made if it is strided), except for the
-class-major spatial rows above, which only the CPU kernels receive.
+class-major spatial rows above.
 """
 
 from __future__ import annotations

@@ -92,17 +92,15 @@ at::Tensor mean_divisor(const at::Tensor& target, int64_t ignore_index,
   return at::scalar_tensor(count, as_long);
 }
 
-// The (B, k, C) rows of logits in `layout` (see worst_of_k_ce_autograd.h): a view, or for
-// spatial logits on the CPU the (N, S, 1, C) view the CPU kernels read in place, elsewhere the
-// one copy of fastmargin::_class_last. Inside the node, so that no view node of its own is
-// recorded: one node per loss.
+// The (B, k, C) rows of logits in `layout` (see worst_of_k_ce_autograd.h), a view: for contiguous
+// spatial logits (N, C, d1, ...) the (N, S, 1, C) rows of their memory (N, C, S), row n * S + s
+// at n * C * S + s, class stride S, which the ops read in place (or copy inside the op where a
+// device's kernels do not: worst_of_k_ce.h's kernel_layout). Inside the node, so that no view node
+// of its own is recorded: one node per loss.
 at::Tensor rows_of(const at::Tensor& logits, int64_t layout) {
   if (layout == kCopiesFirst) return logits.transpose(0, 1);
   if (layout == kOneCopy) return logits.unsqueeze(1);
-  if (layout == kSpatial) {
-    if (!logits.device().is_cpu()) return class_last_op().call(logits);
-    // Contiguous (N, C, d1, ...) as memory (N, C, S): row n * S + s at n * C * S + s, class stride
-    // S. One as_strided (a view, as view + permute would make in two ops: host time).
+  if (layout == kSpatial) {  // one as_strided, not view + permute: two ops of host time
     const int64_t N = logits.size(0), C = logits.size(1), S = logits.numel() / (N * C);
     return logits.as_strided({N, S, 1, C}, {C * S, 1, C * S, S});
   }
@@ -110,7 +108,7 @@ at::Tensor rows_of(const at::Tensor& logits, int64_t layout) {
 }
 
 // The rows of spatial logits as differentiable PyTorch ops (the create_graph path differentiates
-// through them; the values equal _class_last's).
+// through them; the values equal rows_of's).
 at::Tensor differentiable_spatial_rows(const at::Tensor& logits) {
   const int64_t C = logits.size(1);
   return logits.movedim(1, -1).reshape({-1, 1, C});
@@ -205,11 +203,8 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     if (reduction != at::Reduction::None) {
       loss = reduce_forward(loss, target, ignore_index, class_weight, reduction, &divisor);
     }
-    // Spatial rows made by a copy are saved, not made again in the backward (views are).
-    const bool rows_copied = layout == kSpatial && !rows.is_alias_of(logits);
     ctx->save_for_backward({logits, target, radius.value_or(at::Tensor()), lse, weight, dradius,
-                            class_weight.value_or(at::Tensor()), index, divisor,
-                            rows_copied ? rows : at::Tensor()});
+                            class_weight.value_or(at::Tensor()), index, divisor});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -231,10 +226,9 @@ struct WorstOfKCrossEntropy : public torch::autograd::Function<WorstOfKCrossEntr
     const int64_t layout = ctx->saved_data["layout"].toInt();
     // The rows of the logits (with create_graph=True differentiable functions of them).
     const at::Tensor& input = saved[0];
-    const bool differentiable_rows = layout == kSpatial && at::GradMode::is_enabled();
-    const at::Tensor logits = differentiable_rows  ? differentiable_spatial_rows(input)
-                              : saved[9].defined() ? saved[9]
-                                                   : rows_of(input, layout);
+    const at::Tensor logits = layout == kSpatial && at::GradMode::is_enabled()
+                                  ? differentiable_spatial_rows(input)
+                                  : rows_of(input, layout);
     const at::Tensor &target = saved[1], &radius = saved[2], &lse = saved[3], &weight = saved[4],
                      &dradius = saved[5], &class_weight = saved[6], &index = saved[7],
                      &divisor = saved[8];

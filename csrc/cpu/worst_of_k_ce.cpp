@@ -698,8 +698,7 @@ void with_loss(bool weighted, const at::Tensor& logits, const at::Tensor& tgt,
 KernelLayout layout_of(const at::Tensor& logits, const at::Tensor& target,
                        const c10::optional<at::Tensor>& radius,
                        const c10::optional<at::Tensor>& class_weight) {
-  return kernel_layout(logits, target, radius, class_weight, std::numeric_limits<int64_t>::max(),
-                       /*spatial_in_place=*/true);
+  return kernel_layout(logits, target, radius, class_weight, std::numeric_limits<int64_t>::max());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cpu(

@@ -65,7 +65,11 @@ template <typename scalar_t, typename acc_t>
 struct PlainForwardParams {
   static constexpr bool kWeighted = false;
   const scalar_t* logits;
-  int64_t B, k, C, stride_b, stride_k;
+  int64_t B, k, C, stride_b;
+  union {
+    int64_t stride_k;
+    int64_t positions;  // class-major rows: rows per sample (see row_start)
+  };
   int64_t stride_c;  // 1, or class-major rows (a thread per row only: see class_stride)
   const int64_t* index;
   const acc_t* radius;  // nullptr: plain CE
@@ -80,7 +84,12 @@ struct PlainBackwardParams {
   static constexpr bool kWeighted = false;
   const scalar_t* logits;
   scalar_t* grad;
-  int64_t B, k, C, stride_b, stride_k, grad_stride_b, grad_stride_k;
+  int64_t B, k, C, stride_b;
+  union {
+    int64_t stride_k;
+    int64_t positions;  // class-major rows: rows per sample (see row_start)
+  };
+  int64_t grad_stride_b, grad_stride_k;
   int64_t stride_c;  // of the logits and the gradient alike (the host checks they agree)
   const int64_t* index;
   const acc_t* radius;
@@ -128,6 +137,22 @@ using BackwardParams = std::conditional_t<WEIGHTED, WeightedParams<scalar_t, tar
 // sum-exp, A, D) for the weighted one.
 template <bool WEIGHTED, typename acc_t>
 using CopyStats = std::conditional_t<WEIGHTED, WeightedRowStats<acc_t>, RowStats<acc_t>>;
+
+// Where row b starts in the logits (or, their strides agreeing, the gradient): `dense`, the
+// caller's offset from the row strides, except for class-major rows (the plain loss with a
+// thread per row and a strided class dim: kernel_layout's kClassMajor). Those have one copy
+// (k = 1), so the copy stride's field holds the rows per sample S instead (the parameter blocks
+// keep their size: a larger block changed the register allocation of every kernel in ptxas's
+// report) and stride_b the stride between samples: row b lies at (b / S) * stride_b + b % S,
+// consecutive threads on consecutive positions of a sample. 3-D class-major rows (memory
+// (C, B)) are one sample of S = B rows; 4-D spatial rows (N, S, 1, C) one per sample n.
+template <bool WEIGHTED, int GROUP, typename P>
+__device__ __forceinline__ int64_t row_start(const P& p, int64_t b, int64_t dense) {
+  if constexpr (!WEIGHTED && GROUP == 1) {
+    if (p.stride_c != 1) return (b / p.positions) * p.stride_b + b % p.positions;
+  }
+  return dense;
+}
 
 // The class stride a kernel reads with. Class-major rows (stride_c != 1) are launched with a
 // thread per row only (kernel_layout's class limit is kRowThreadMaxClasses), so wider groups
@@ -248,7 +273,7 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
     want_sum = p.eps != acc_t(0);
     cs = class_stride<GROUP>(p.stride_c);
   }
-  const scalar_t* sample = p.logits + b * p.stride_b;
+  const scalar_t* sample = p.logits + row_start<WEIGHTED, GROUP>(p, b, b * p.stride_b);
   CopyReducer<acc_t> red = CopyReducer<acc_t>::start();  // meaningful in the leader only
   [[maybe_unused]] acc_t asum = acc_t(0);  // weighted: A of an index-target row (every copy)
   for (int64_t j = 0; j < p.k; ++j) {
@@ -319,7 +344,8 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
   const int t = group_rank<GROUP>();
   if (row_id >= p.B * p.k) return;
   const int64_t b = row_id / p.k, j = row_id % p.k;
-  scalar_t* out = p.grad + b * p.grad_stride_b + j * p.grad_stride_k;
+  scalar_t* out =
+      p.grad + row_start<WEIGHTED, GROUP>(p, b, b * p.grad_stride_b + j * p.grad_stride_k);
   int64_t cs = 1;  // the weighted path reads contiguous rows only
   if constexpr (!WEIGHTED) cs = class_stride<GROUP>(p.stride_c);
   const acc_t w = p.weight_in[row_id];
@@ -338,7 +364,8 @@ __global__ void __launch_bounds__(row_block_threads(GROUP))
     }
   }
   const acc_t r = p.radius ? p.radius[b] : acc_t(0);
-  const scalar_t* zrow = p.logits + b * p.stride_b + j * p.stride_k;
+  const scalar_t* zrow =
+      p.logits + row_start<WEIGHTED, GROUP>(p, b, b * p.stride_b + j * p.stride_k);
   const int64_t nvec = p.C / VEC;
   // The weighted math's view of the row (only the weighted block has targets and coefficients).
   [[maybe_unused]] WeightedRow<scalar_t, target_t, acc_t> row{};
@@ -445,17 +472,22 @@ void set_inputs(P& p, const at::Tensor& logits, const at::Tensor& target, const 
   using scalar_t = scalar_of<P>;
   using acc_t = at::opmath_type<scalar_t>;
   p.logits = logits.const_data_ptr<scalar_t>();
-  p.B = logits.size(0);
-  p.k = logits.size(1);
-  p.C = logits.size(2);
+  p.B = num_rows(logits);
+  p.k = num_copies(logits);
+  p.C = num_classes(logits);
   p.stride_b = logits.stride(0);
-  p.stride_k = logits.stride(1);
+  p.stride_k = logits.stride(logits.dim() - 2);
   p.radius = radius.defined() ? radius.const_data_ptr<acc_t>() : nullptr;
   const acc_t eps = static_cast<acc_t>(label_smoothing);
   if constexpr (!P::kWeighted) {
     p.index = target.const_data_ptr<int64_t>();
     p.eps = eps;
-    p.stride_c = p.C > 1 ? logits.stride(2) : 1;
+    p.stride_c = p.C > 1 ? logits.stride(logits.dim() - 1) : 1;
+    if (p.stride_c != 1) {                     // class-major rows (kernel_layout): see row_start
+      const bool spatial = logits.dim() == 4;  // (N, S, 1, C); 3-D: (B, 1, C), memory (C, B)
+      p.positions = std::max<int64_t>(1, spatial ? logits.size(1) : p.B);
+      p.stride_b = spatial ? logits.stride(0) : 0;
+    }
   } else {
     using target_t = std::remove_cv_t<std::remove_pointer_t<decltype(P::soft)>>;
     if (is_soft_target(target)) {
@@ -505,15 +537,13 @@ at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
-// How the CUDA kernels read the logits (kernel_layout): class-major rows in place when a thread
-// per row reads them (C <= kRowThreadMaxClasses), through a contiguous copy otherwise; 4-D
-// spatial rows through a contiguous copy (fastmargin/_ce_layout.py hands CUDA logits over as
-// _class_last's class-major rows instead).
+// How the CUDA kernels read the logits (kernel_layout): class-major rows (3-D, or 4-D spatial
+// rows) in place when a thread per row reads them (C <= kRowThreadMaxClasses), through a
+// contiguous copy otherwise.
 KernelLayout layout_of(const at::Tensor& logits, const at::Tensor& target,
                        const c10::optional<at::Tensor>& radius,
                        const c10::optional<at::Tensor>& class_weight) {
-  return kernel_layout(logits, target, radius, class_weight, kRowThreadMaxClasses,
-                       /*spatial_in_place=*/false);
+  return kernel_layout(logits, target, radius, class_weight, kRowThreadMaxClasses);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_k_ce_fwd_cuda(
@@ -529,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> worst_of_
                                               layout == KernelLayout::kClassMajor);
   c10::cuda::CUDAGuard guard(logits.device());
   WorstOfKForward out = WorstOfKForward::allocate(logits, radius.has_value());
-  if (logits.size(0) == 0) return out.as_tuple();
+  if (num_rows(logits) == 0) return out.as_tuple();
   const at::Tensor tgt = is_soft_target(target) ? target : target.contiguous();
   const at::Tensor rad = contiguous_or_undefined(radius);
   const at::Tensor cw = contiguous_or_undefined(class_weight);
@@ -575,8 +605,8 @@ void backward_into(bool weighted, const at::Tensor& grad_loss, const at::Tensor&
     // Ignored samples arrive with weight 0: only the weighted block carries ignore_index.
     if constexpr (kWeighted) p.ignore_index = ignore_index;
     p.grad = grad.mutable_data_ptr<scalar_t>();
-    p.grad_stride_b = grad.stride(0);
-    p.grad_stride_k = grad.stride(1);
+    p.grad_stride_b = grad.stride(0);  // class-major rows use the logits' offsets
+    p.grad_stride_k = grad.stride(grad.dim() - 2);
     p.grad_loss = g.const_data_ptr<acc_t>();
     p.lse_in = lse.const_data_ptr<acc_t>();
     p.weight_in = weight.const_data_ptr<acc_t>();

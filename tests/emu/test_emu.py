@@ -161,9 +161,11 @@ def test_worst_of_k_class_major_rows(dtype, C, option):
 @pytest.mark.parametrize("C", [2, 21, 33])
 @pytest.mark.parametrize("option", ["plain", "smoothing", "class_weight"])
 def test_worst_of_k_spatial_rows(dtype, C, option):
-    """4-D spatial rows (N, S, 1, C), the in-place view of contiguous (N, C, S) logits that the
-    CPU kernels read: the CUDA ops run them on a contiguous (B, 1, C) copy and return the
-    gradient in the rows' layout (written back over them for the in-place backward)."""
+    """4-D spatial rows (N, S, 1, C), the in-place view of contiguous (N, C, S) logits: read in
+    place by the plain loss up to 32 classes (a thread per row, each sample's rows located by
+    row_offset; 303 rows: two blocks, and warps that span two samples), through a contiguous
+    (B, 1, C) copy otherwise; the gradient comes back in the rows' layout (written over them
+    for the in-place backward)."""
     N, S = 3, 101
     x = (torch.randn(N, C, S, generator=gen(C + 60)) * 3).to(dtype)
     rows = x.as_strided((N, S, 1, C), (C * S, 1, C * S, S))

@@ -36,12 +36,4 @@ inline const c10::TypedOperatorHandle<WorstOfKBwdSignature>& worst_of_k_ce_bwd_o
   return op;
 }
 
-// fastmargin::_class_last: spatial logits as (N * d1 * ..., 1, C) rows (csrc/cpu/class_last.cpp).
-inline const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& class_last_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmargin::_class_last", "")
-                             .typed<at::Tensor(const at::Tensor&)>();
-  return op;
-}
-
 }  // namespace fastmargin

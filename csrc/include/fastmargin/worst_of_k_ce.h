@@ -7,8 +7,9 @@
 // without a copy. Class-major rows (a strided class dim: kernel_layout below) are also taken.
 // Spatial rows: 4-D logits (N, S, k, C) hold B = N * S rows, row b = n * S + s (the outputs are
 // (B,) and (B, k) as for 3-D logits). Their main use is contiguous (N, C, S) logits seen as
-// logits.view(N, C, S, 1).permute(0, 2, 3, 1), which the CPU kernels read in place (class stride
-// S, no copy, the gradient in the same layout); any other 4-D logits run on a (B, k, C) copy.
+// logits.view(N, C, S, 1).permute(0, 2, 3, 1), which the kernels read in place for the plain
+// loss (class stride S, no copy, the gradient in the same layout: kernel_layout's kClassMajor);
+// any other 4-D logits run on a (B, k, C) copy.
 // Per-row statistics are float32 (float64 for float64 logits).
 //
 // Targets: (B,) int64 class indices, or floating class probabilities (soft targets), either
@@ -102,8 +103,7 @@ inline void check_soft_target(const at::Tensor& logits, const at::Tensor& target
 //   stride S: a class-major block per sample). The kernels read them in place: on the CPU with
 //   consecutive rows in the lanes of a vector, on CUDA with a thread per row (consecutive threads
 //   on consecutive positions, every access coalesced). Only the plain loss (index targets, no
-//   class weights, no radius) with at most max_classes classes reads them so, and spatial rows
-//   only where the device's kernels take them (spatial_in_place: the CPU's);
+//   class weights, no radius) with at most max_classes classes reads them so;
 // - kCopy: other class-major calls and other 4-D logits, which the op runs on a contiguous
 //   (B, k, C) copy of the rows (rows_copy; the gradient is copied back into the logits'
 //   layout). Any other strided class dim is refused by the checks.
@@ -115,14 +115,14 @@ inline bool is_class_major(int64_t C, int64_t cs) { return C > 1 && cs != 1; }
 inline KernelLayout kernel_layout(const at::Tensor& logits, const at::Tensor& target,
                                   const c10::optional<at::Tensor>& radius,
                                   const c10::optional<at::Tensor>& class_weight,
-                                  int64_t max_classes, bool spatial_in_place) {
+                                  int64_t max_classes) {
   bool class_major = false;
   if (logits.dim() == 3) {
     class_major = is_class_major(logits.size(2), logits.stride(2)) && logits.size(1) == 1 &&
                   logits.stride(0) == 1;
   } else if (logits.dim() == 4) {
-    class_major = spatial_in_place && is_class_major(logits.size(3), logits.stride(3)) &&
-                  logits.size(2) == 1 && (logits.size(1) <= 1 || logits.stride(1) == 1);
+    class_major = is_class_major(logits.size(3), logits.stride(3)) && logits.size(2) == 1 &&
+                  (logits.size(1) <= 1 || logits.stride(1) == 1);
     if (!class_major) return KernelLayout::kCopy;
   }
   if (!class_major) return KernelLayout::kRows;

@@ -14,9 +14,8 @@ enum RowsLayout : int64_t {
   kRowsAsGiven = 0,  // (B, k, C)
   kCopiesFirst = 1,  // (k, B, C): the rows are logits.transpose(0, 1)
   kOneCopy = 2,      // (N, C): the rows are logits.unsqueeze(1), k = 1
-  kSpatial = 3,      // contiguous (N, C, d1, ...), k = 1: on the CPU the rows are the in-place
-                     // view (N, S = d1 * ..., 1, C) (class stride S: no copy), elsewhere
-                     // fastmargin::_class_last(logits), (N * d1 * ..., 1, C) (one copy)
+  kSpatial = 3,      // contiguous (N, C, d1, ...), k = 1: the rows are the in-place view
+                     // (N, S = d1 * ..., 1, C) of their memory (class stride S: no copy)
 };
 
 // fastmargin::worst_of_k_ce_fwd on the rows of `logits` in `layout`, then F.cross_entropy's
