@@ -227,34 +227,27 @@ def _all_layer_perturb_bwd_fake(grad, u, delta, norm, need_grad_u, need_grad_del
     return grad_u, grad_delta
 
 
-def _all_layer_perturb_setup_context(ctx, inputs, output):
-    u, delta = inputs
-    _out, norm = output
-    ctx.save_for_backward(u, delta, norm)
-    ctx.mark_non_differentiable(norm)
-
-
-def _all_layer_perturb_backward(ctx, grad_out, _grad_norm):
-    u, delta, norm = ctx.saved_tensors
-    need_u, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad_out is None or not (need_u or need_delta):
-        return None, None
-    if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-        grads = comp.differentiable_backward(
-            comp.all_layer_perturb, (u, delta), (need_u, need_delta), grad_out.to(u.dtype)
-        )
-        return tuple(grads)
-    grad_u, grad_delta = ops.all_layer_perturb_bwd(
-        grad_out.to(u.dtype), u, delta, norm, need_u, need_delta
-    )
-    return (grad_u if need_u else None), (grad_delta if need_delta else None)
-
-
-torch.library.register_autograd(
-    "fastmargin::all_layer_perturb_fwd",
-    _all_layer_perturb_backward,
-    setup_context=_all_layer_perturb_setup_context,
+# Autograd of all_layer_perturb_fwd is registered in C++ (csrc/autograd/
+# all_layer_perturb_autograd.cpp), as the worst-of-k cross-entropy's is; with create_graph=True
+# its backward calls the op below, whose kernel differentiates the composite form.
+torch.library.define(
+    "fastmargin::all_layer_perturb_bwd_composite",
+    "(Tensor grad, Tensor u, Tensor delta, bool need_grad_u, bool need_grad_delta) "
+    "-> (Tensor, Tensor)",
 )
+
+
+@torch.library.impl("fastmargin::all_layer_perturb_bwd_composite", "CompositeImplicitAutograd")
+def _all_layer_perturb_bwd_composite(grad, u, delta, need_grad_u, need_grad_delta):
+    """(grad_u, grad_delta) as a differentiable graph; an empty (0,) tensor for a gradient not
+    asked for (the C++ backward reads only those it asked for), zeros for one asked for that
+    the graph does not reach."""
+    inputs, needs = (u, delta), (need_grad_u, need_grad_delta)
+    grads = comp.differentiable_backward(comp.all_layer_perturb, inputs, needs, grad)
+    return tuple(
+        g if g is not None else (torch.zeros_like(t) if need else grad.new_empty((0,)))
+        for g, t, need in zip(grads, inputs, needs)
+    )
 
 
 # --- weight_noise_ce -----------------------------------------------------------------------
