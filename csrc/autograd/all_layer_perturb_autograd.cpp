@@ -48,8 +48,7 @@ const c10::TypedOperatorHandle<BwdSignature>& backward_op() {
 
 // Defined from Python when the package is imported: looked up on first use.
 const c10::TypedOperatorHandle<CompositeSignature>& composite_backward_op() {
-  static const auto op =
-      find_op<CompositeSignature>("fastmargin::all_layer_perturb_bwd_composite");
+  static const auto op = find_op<CompositeSignature>("fastmargin::all_layer_perturb_bwd_composite");
   return op;
 }
 
