@@ -74,12 +74,14 @@ def worst_of_k_cross_entropy(
 
     Args:
         logits: float32 / float16 / bfloat16 (or float64) logits, shaped by the rule above.
-            (C,) and (N, C) logits and both copy layouts are read in place; spatial logits
-            are copied once into (N·d1·…·dm, C) rows: on the CPU one block copy into
-            class-major memory that the kernels read in place (the gradient comes back as a
-            view), elsewhere one transposing copy (none when they already lie class-last in
-            memory, e.g. channels-last). The class dim must have stride 1 (otherwise it is
-            copied once).
+            (C,) and (N, C) logits and both copy layouts are read in place. Contiguous
+            spatial logits with int64 class indices are read in place too, their gradient
+            written in their own layout (with class weights, or on CUDA above 32 classes, the
+            op copies the rows once); other spatial calls copy them once into
+            (N·d1·…·dm, C) rows: a block copy into class-major memory (on the CPU, and on CUDA
+            up to 32 classes), else one transposing copy (none when they already lie
+            class-last in memory, e.g. channels-last). The class dim must have stride 1
+            (otherwise it is copied once).
         target: integer class indices in [0, C), or ``ignore_index`` (that sample
             contributes 0, and ``'mean'`` divides by the number of samples not ignored),
             one per sample: shaped as above, or (B,) with ``dim`` (shared by the copies).
