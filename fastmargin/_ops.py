@@ -125,32 +125,9 @@ def _multiclass_margin_bwd_fake(grad_margin, target, runner_up, num_classes, dty
     return grad_margin.new_empty((grad_margin.shape[0], num_classes), dtype=dtype)
 
 
-def _multiclass_margin_setup_context(ctx, inputs, output):
-    logits, target = inputs
-    _margin, runner_up = output
-    # Only O(N) integers are saved: the gradient is +g at y and -g at the runner-up.
-    ctx.save_for_backward(target, runner_up)
-    ctx.num_classes = logits.shape[1]
-    ctx.dtype = logits.dtype
-    ctx.mark_non_differentiable(runner_up)
-
-
-def _multiclass_margin_backward(ctx, grad_margin, _g_runner_up):
-    target, runner_up = ctx.saved_tensors
-    if grad_margin is None or not ctx.needs_input_grad[0]:
-        return None, None
-    grad_margin = grad_margin.to(stats_dtype_of(ctx.dtype)).contiguous()
-    grad_logits = ops.multiclass_margin_bwd(
-        grad_margin, target, runner_up, ctx.num_classes, ctx.dtype
-    )
-    return grad_logits, None
-
-
-torch.library.register_autograd(
-    "fastmargin::multiclass_margin_fwd",
-    _multiclass_margin_backward,
-    setup_context=_multiclass_margin_setup_context,
-)
+# Autograd of multiclass_margin_fwd is registered in C++ (csrc/autograd/
+# multiclass_margin_autograd.cpp); with create_graph=True its backward calls
+# multiclass_margin_bwd through the autograd registered here.
 
 
 def _multiclass_margin_bwd_setup_context(ctx, inputs, output):
@@ -279,67 +256,44 @@ def _weight_noise_normal_fake(philox, n, k, c):
     return philox.new_empty((n, k, c), dtype=torch.float32)
 
 
-def _weight_noise_ce_setup_context(ctx, inputs, output):
-    logits, target, scale, philox, k, temperature, label_smoothing, ignore_index = inputs
-    _loss, lse, weight, index = output
-    # The noise is not saved: the backward regenerates it from the (2,) philox state.
-    ctx.save_for_backward(logits, target, scale, philox, lse, weight, index)
-    ctx.k = k
-    ctx.temperature = temperature
-    ctx.label_smoothing = label_smoothing
-    ctx.ignore_index = ignore_index
-    ctx.mark_non_differentiable(lse, weight)
+# Autograd of weight_noise_ce_fwd is registered in C++ (csrc/autograd/
+# weight_noise_ce_autograd.cpp); with create_graph=True its backward calls the op below, whose
+# kernel differentiates the composite form (the same noise, the same selected copies).
+torch.library.define(
+    "fastmargin::weight_noise_ce_bwd_composite",
+    "(Tensor grad_loss, Tensor logits, Tensor target, Tensor scale, Tensor philox, Tensor index, "
+    "int k, float temperature, float label_smoothing, int ignore_index, bool need_grad_logits, "
+    "bool need_grad_scale) -> (Tensor, Tensor)",
+)
 
 
-def _weight_noise_ce_backward(ctx, grad_loss, _g_lse, _g_weight, _g_index):
-    none = (None,) * 8
-    if grad_loss is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
-        return none
-    if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-        return _weight_noise_ce_differentiable_backward(ctx, grad_loss)
-    logits, target, scale, philox, lse, weight, _index = ctx.saved_tensors
-    grad_loss = grad_loss.to(lse.dtype).contiguous()
-    # One pass gives both gradients (the scale's is a by-product of the logits' pass).
-    grad_logits, grad_scale = ops.weight_noise_ce_bwd(
-        grad_loss, logits, target, scale, philox, lse, weight, ctx.label_smoothing, ctx.ignore_index
-    )
-    return (
-        grad_logits if ctx.needs_input_grad[0] else None,
-        None,
-        grad_scale if ctx.needs_input_grad[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-def _weight_noise_ce_differentiable_backward(ctx, grad_loss):
-    logits, target, scale, philox, _lse, _weight, index = ctx.saved_tensors
+@torch.library.impl("fastmargin::weight_noise_ce_bwd_composite", "CompositeImplicitAutograd")
+def _weight_noise_ce_bwd_composite(
+    grad_loss,
+    logits,
+    target,
+    scale,
+    philox,
+    index,
+    k,
+    temperature,
+    label_smoothing,
+    ignore_index,
+    need_grad_logits,
+    need_grad_scale,
+):
+    """(grad_logits, grad_scale) as a differentiable graph; an empty (0,) tensor for a gradient
+    not asked for (the C++ backward reads only those it asked for), zeros for one asked for that
+    the graph does not reach."""
 
     def forward(z, s):
         return comp.weight_noise_ce(
-            z,
-            target,
-            s,
-            philox,
-            ctx.k,
-            ctx.temperature,
-            ctx.label_smoothing,
-            ctx.ignore_index,
-            index,
+            z, target, s, philox, k, temperature, label_smoothing, ignore_index, index
         )[0]
 
-    need = ctx.needs_input_grad
-    grad_logits, grad_scale = comp.differentiable_backward(
-        forward, (logits, scale), (need[0], need[2]), grad_loss
+    inputs, needs = (logits, scale), (need_grad_logits, need_grad_scale)
+    grads = comp.differentiable_backward(forward, inputs, needs, grad_loss)
+    return tuple(
+        g if g is not None else (torch.zeros_like(t) if need else grad_loss.new_empty((0,)))
+        for g, t, need in zip(grads, inputs, needs)
     )
-    return grad_logits, None, grad_scale, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fastmargin::weight_noise_ce_fwd",
-    _weight_noise_ce_backward,
-    setup_context=_weight_noise_ce_setup_context,
-)

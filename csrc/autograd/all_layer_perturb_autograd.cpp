@@ -16,6 +16,8 @@
 
 #include <tuple>
 
+#include "fastmargin/op_handles.h"
+
 namespace fastmargin {
 namespace {
 
@@ -30,11 +32,6 @@ using BwdSignature = Pair(const at::Tensor&, const at::Tensor&, const at::Tensor
 // (grad, u, delta, need_grad_u, need_grad_delta) -> (grad_u, grad_delta)
 using CompositeSignature = Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
                                 bool);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 const c10::TypedOperatorHandle<FwdSignature>& forward_op() {
   static const auto op = find_op<FwdSignature>("fastmargin::all_layer_perturb_fwd");

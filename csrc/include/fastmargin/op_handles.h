@@ -1,6 +1,6 @@
-// Typed dispatcher handles of the worst-of-k cross-entropy ops, for C++ code that calls them
-// through the dispatcher (the C++ autograd node, the fast eager entry), so that every dispatch
-// key (Autograd, CPU, CUDA, Python modes) sees the call. Looked up once, on first use.
+// Typed dispatcher handles of the ops, for C++ code that calls them through the dispatcher (the
+// C++ autograd nodes, the fast eager entry), so that every dispatch key (Autograd, CPU, CUDA,
+// Python modes) sees the call. Looked up once, on first use.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,6 +10,14 @@
 #include <tuple>
 
 namespace fastmargin {
+
+// The typed handle of the op `name` ("fastmargin::..."); callers keep it in a function-local
+// static, so the schema is looked up once, on first use (ops defined from Python exist only once
+// the package is imported).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
 
 using WorstOfKFwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using WorstOfKFwdSignature = WorstOfKFwdResult(const at::Tensor&, const at::Tensor&,
