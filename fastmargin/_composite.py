@@ -1,6 +1,6 @@
 r"""Every fused op in differentiable PyTorch ops: the path for autograd beyond first order.
 
-The fused ops carry first-order reverse-mode autograd (``torch.library.register_autograd``).
+The fused ops carry first-order reverse-mode autograd (C++ autograd nodes, csrc/autograd).
 PyTorch offers no forward-mode rule for such ops, and their backward ops are not differentiable
 in the logits. So two situations use the functions here instead, which compute the same
 function from ordinary PyTorch ops (autograd of every order, forward mode and functorch

@@ -1,10 +1,10 @@
 """Loads the compiled kernels (fastmargin._C) and registers fake kernels and autograd.
 
 Schemas live in csrc/ops.cpp; CPU and CUDA kernels register themselves when _C loads. What is
-added here makes every op traceable by torch.compile (register_fake) and differentiable
-(register_autograd, whose backward is itself a registered op). The worst-of-k cross-entropy,
-the op every loss call runs, has its autograd in C++ instead
-(csrc/autograd/worst_of_k_ce_autograd.cpp): a C++ node costs far less host time per call.
+added here makes every op traceable by torch.compile (register_fake). The ops' reverse-mode
+autograd is registered in C++ (csrc/autograd/*_autograd.cpp: a C++ node costs far less host time
+per call than one registered from Python); what those nodes call with create_graph=True is
+defined here: the composite backward ops, and the autograd of the margin's backward op.
 
 A backward that autograd runs with ``create_graph=True`` (grad mode on) must itself be
 differentiable; the fused backward ops are not (in the logits), so there each backward
