@@ -47,9 +47,7 @@ using CompositeSignature = CompositeGrads(const at::Tensor&, const at::Tensor&, 
                                           const c10::optional<at::Tensor>&, const at::Tensor&,
                                           double, double, int64_t, bool, bool, bool);
 const c10::TypedOperatorHandle<CompositeSignature>& composite_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmargin::worst_of_k_ce_bwd_composite", "")
-                             .typed<CompositeSignature>();
+  static const auto op = find_op<CompositeSignature>("fastmargin::worst_of_k_ce_bwd_composite");
   return op;
 }
 

@@ -30,17 +30,13 @@ using WorstOfKBwdSignature = at::Tensor(const at::Tensor&, const at::Tensor&, co
 
 // fastmargin::worst_of_k_ce_fwd (csrc/ops.cpp has the schema and its meaning).
 inline const c10::TypedOperatorHandle<WorstOfKFwdSignature>& worst_of_k_ce_fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmargin::worst_of_k_ce_fwd", "")
-                             .typed<WorstOfKFwdSignature>();
+  static const auto op = find_op<WorstOfKFwdSignature>("fastmargin::worst_of_k_ce_fwd");
   return op;
 }
 
 // fastmargin::worst_of_k_ce_bwd.
 inline const c10::TypedOperatorHandle<WorstOfKBwdSignature>& worst_of_k_ce_bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmargin::worst_of_k_ce_bwd", "")
-                             .typed<WorstOfKBwdSignature>();
+  static const auto op = find_op<WorstOfKBwdSignature>("fastmargin::worst_of_k_ce_bwd");
   return op;
 }
 
